@@ -1,0 +1,1 @@
+"""Units of work: catalog, ingestion, fingerprints, sampling, training recipes, evaluation, registration."""

@@ -1,0 +1,1 @@
+"""Ingestion: readers per source kind, seeded synthetic generators, preprocessing, validation, writing."""
