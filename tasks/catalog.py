@@ -219,19 +219,6 @@ class Catalog(_Strict):
     entries: list[Entry]
     base_dir: Path = Field(default=Path("."), exclude=True)
 
-    @model_validator(mode="after")
-    def _unique_names_and_pairs(self) -> "Catalog":
-        seen: set[str] = set()
-        for entry in self.entries:
-            if entry.name in seen:
-                raise CatalogError("the name is used twice", entry=entry.name, field="name", hint="give every entry a unique name")
-            seen.add(entry.name)
-        for entry in self.entries:
-            if entry.pairs and entry.pairs.entry not in seen:
-                raise CatalogError(f"pairs with unknown entry '{entry.pairs.entry}'", entry=entry.name, field="pairs.entry",
-                                   hint=f"name one of: {', '.join(sorted(seen))}")
-        return self
-
     def get(self, name: str) -> Entry:
         for entry in self.entries:
             if entry.name == name:
@@ -305,7 +292,21 @@ def load_catalog(path: str | Path) -> Catalog:
     if not isinstance(raw["entries"], list):
         raise CatalogError("'entries' must be a list", field="entries", hint="write each entry as '- name: ...'")
     entries = [parse_entry(item, i) for i, item in enumerate(raw["entries"])]
+    check_cross_references(entries)
     return Catalog(entries=entries, base_dir=path.resolve().parent)
+
+
+def check_cross_references(entries: list[Entry]) -> None:
+    """Names are unique and every ``pairs.entry`` names another entry."""
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.name in seen:
+            raise CatalogError("the name is used twice", entry=entry.name, field="name", hint="give every entry a unique name")
+        seen.add(entry.name)
+    for entry in entries:
+        if entry.pairs and entry.pairs.entry not in seen:
+            raise CatalogError(f"pairs with unknown entry '{entry.pairs.entry}'", entry=entry.name, field="pairs.entry",
+                               hint=f"name one of: {', '.join(sorted(seen))}")
 
 
 # --------------------------------------------------------------------------- path resolution

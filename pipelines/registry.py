@@ -1,0 +1,14 @@
+"""The flows the CLI can run by name (imported lazily: each pulls in Prefect and the engines)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def _ingest(catalog_path: str, profile: str) -> Any:
+    from pipelines.ingest import ingest_flow
+
+    return ingest_flow(catalog_path=catalog_path, profile=profile)
+
+
+FLOWS: dict[str, Callable[..., Any]] = {"ingest": _ingest}

@@ -1,0 +1,19 @@
+"""One logger for task code: Prefect's run logger inside a flow or task, stdlib logging elsewhere."""
+
+from __future__ import annotations
+
+import logging
+
+
+def get_logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        from prefect.exceptions import MissingContextError
+        from prefect.logging import get_run_logger
+
+        try:
+            return get_run_logger()
+        except MissingContextError:
+            pass
+    except ImportError:  # pragma: no cover - prefect is a hard dependency
+        pass
+    return logging.getLogger("medfoundry")
