@@ -20,6 +20,7 @@ def ingest_flow(names: list[str] | None = None, catalog_path: str | None = None,
     catalog_path = catalog_path or str(settings.catalog)
     selected = entry_names(catalog_path, names)
     tracking.setup_tracking(settings)
-    with tracking.flow_run("ingest", params={"profile": profile, "entries": ",".join(selected)},
-                           parent_run_id=parent_run_id) as run_id:
-        return [ingest_entry_task(catalog_path, name, profile, run_id) for name in selected]
+    params = {"profile": profile, "entries": ",".join(selected)}
+    run = tracking.stage_run("ingest", parent_run_id, params) if parent_run_id else tracking.flow_run("ingest", params)
+    with run as active:
+        return [ingest_entry_task(catalog_path, name, profile, active.info.run_id) for name in selected]

@@ -11,6 +11,8 @@ Guarantees (see DESIGN.md, "Store"):
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +28,20 @@ from tasks.ingest.types import CaseError, CaseRef, RawCase
 from tasks.ingest.version import FileDigests, canonical_json, sha256_text, version_digest
 from tasks.logs import get_logger
 
+FAULT_ENV = "MEDFOUNDRY_FAULT_INJECT"
 PROFILE_MAX_CASES: dict[str, int | None] = {"smoke": 6, "demo": None, "full": None}
 STORE_LAYOUT = 1
+
+
+def _fault_point(point: str) -> None:
+    """Test hook: SIGKILL this process at a named point (``$MEDFOUNDRY_FAULT_INJECT``).
+
+    Used by the kill tests to interrupt an ingest at exact places (``after_case:N``,
+    ``before_commit``); unset in normal runs, where it costs one dict lookup.
+    """
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted and wanted == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class IngestError(RuntimeError):
@@ -112,6 +126,7 @@ def ingest_entry(entry: Entry, base_dir: Path, settings: Settings, profile: str 
             writer.write_case(ref.case_id, case.arrays, attrs)
             bytes_written += sum(int(np.asarray(a).nbytes) for a in case.arrays.values())
         good += 1
+        _fault_point(f"after_case:{good}")
         if index % report_every == 0 or index == total:
             log.info("%s: %d/%d cases (%d quarantined)", entry.name, index, total, quarantined)
     if records:
@@ -130,6 +145,7 @@ def ingest_entry(entry: Entry, base_dir: Path, settings: Settings, profile: str 
     attrs = {"entry": entry.model_dump(mode="json"), "plan": plan.plan, "fingerprint": fingerprint, "splits": splits,
              "case_source_digests": plan.case_digests, "modality": entry.modality, "dims": entry.dims, "task": entry.task,
              "labels": entry.labels, "pairs": entry.pairs.model_dump() if entry.pairs else None}
+    _fault_point("before_commit")
     info = writer.commit(attrs)
     seconds = time.perf_counter() - started
     log.info("%s: committed version %s: %d cases, %d quarantined, %.1f s", entry.name, plan.version[:12], info.n_cases,

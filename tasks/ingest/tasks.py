@@ -42,11 +42,12 @@ def record_ingest_run(summary: dict[str, Any], source_kind: str, parent_run_id: 
     if existing:
         return existing
     fingerprint = reader.attrs.get("fingerprint", {})
-    with tracking.stage_run("ingest", parent_run_id=parent_run_id,
+    with tracking.stage_run(f"ingest:{summary['name']}", parent_run_id=parent_run_id, stage_key=key,
+                            inputs=[f"{summary['name']}@{summary['version']}"],
                             params={"dataset": summary["name"], "version": summary["version"], "source_kind": source_kind,
                                     "n_listed": summary.get("n_listed")},
-                            tags={"medfoundry.stage_key": key, "medfoundry.dataset": summary["name"],
-                                  "medfoundry.dataset_version": summary["version"]}) as run_id:
+                            tags={"medfoundry.dataset": summary["name"],
+                                  "medfoundry.dataset_version": summary["version"]}) as run:
         tracking.log_dataset_input(dataset=summary["name"], version=summary["version"], source=reader.uri,
                                    schema={"modality": reader.attrs.get("modality"), "dims": reader.attrs.get("dims"),
                                            "task": reader.attrs.get("task"), "labels": reader.attrs.get("labels")},
@@ -58,7 +59,7 @@ def record_ingest_run(summary: dict[str, Any], source_kind: str, parent_run_id: 
                             "seconds": float(summary.get("seconds", 0.0)),
                             "mb_written": float(summary.get("mb_written", 0.0))})
         tracking.log_dict_artifact({"fingerprint": fingerprint, "quarantine": reader.quarantine}, "ingest/fingerprint.json")
-    return run_id
+    return run.info.run_id
 
 
 def entry_names(catalog_path: str, names: list[str] | None) -> list[str]:

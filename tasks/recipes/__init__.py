@@ -1,0 +1,1 @@
+"""Training recipes: one function per method, executed by every Ray Train worker."""
