@@ -231,6 +231,15 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
+def _unpickling_reason(exc: Exception) -> str:
+    """The line of torch's long weights_only message that names the refused object."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line or "WeightsUnpickler error" in line:
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a checkpoint (its directory or its ``model.pt``; local path or URI) onto the CPU.
 
@@ -241,17 +250,22 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     text = os.fspath(path).rstrip("/")
     is_file = text.endswith(".pt") or (not _is_uri(text) and Path(text).is_file())
     model_path = text if is_file else f"{text}/{MODEL_FILE}"
+    missing_error = CheckpointError(f"no checkpoint at {text}: {model_path} does not exist")
+    source: str | io.BytesIO = model_path
+    if _is_uri(model_path):
+        try:
+            source = io.BytesIO(_read_bytes(model_path))
+        except FileNotFoundError as exc:
+            raise missing_error from exc
+    elif not Path(model_path).is_file():
+        raise missing_error
     try:
-        raw = _read_bytes(model_path)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"no checkpoint at {text}: {model_path} does not exist") from exc
-    try:
-        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{model_path} cannot be loaded safely (torch.load weights_only=True refused it): it holds "
             f"objects other than tensors and plain containers, so it is not a MedFoundry checkpoint "
-            f"or was written by untrusted code. Detail: {str(exc).splitlines()[0]}"
+            f"or was written by untrusted code. Detail: {_unpickling_reason(exc)}"
         ) from exc
     except (RuntimeError, EOFError) as exc:
         raise CheckpointError(f"{model_path} is not a readable torch checkpoint (truncated or corrupt?): {exc}") from exc

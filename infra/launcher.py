@@ -293,7 +293,7 @@ def launch(
         train_loop_per_worker=recipe,
         train_loop_config=train_config,
         scaling_config=ScalingConfig(
-            num_workers=num_workers or settings.num_workers,
+            num_workers=settings.num_workers if num_workers is None else num_workers,
             use_gpu=settings.use_gpu,
             resources_per_worker={"CPU": settings.cpus_per_worker},  # use_gpu adds GPU: 1
         ),

@@ -25,7 +25,8 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -153,8 +154,6 @@ def register_model(
     finally:
         export_model.train(was_training)
 
-    client = MlflowClient()
-    version = mlflow.register_model(info.model_uri, name)
     return register_logged_model(
         info.model_uri,
         name,
@@ -164,8 +163,6 @@ def register_model(
         higher_is_better=higher_is_better,
         extra_tags=extra_tags,
         run_id=active_run_id,
-        _version=version,
-        _client=client,
     )
 
 
@@ -179,19 +176,16 @@ def register_logged_model(
     higher_is_better: bool = True,
     extra_tags: Mapping[str, str] | None = None,
     run_id: str | None = None,
-    _version: ModelVersion | None = None,
-    _client: MlflowClient | None = None,
 ) -> ModelVersionInfo:
     """Register an already logged model (``models:/m-...`` or ``runs:/...``) as a new version.
 
     The registry half of :func:`register_model`, for re-registering a logged model (e.g. under
     another name, or after evaluating it on a new split) without logging it again: writes the
-    metric/gate tags and moves ``candidate`` to the new version.
+    metric/gate tags (at creation, in one call) and moves ``candidate`` to the new version.
+    ``run_id`` is only a fallback for the returned info when the URI carries no run.
     """
     if key_metric not in metrics:
         raise KeyError(f"key metric {key_metric!r} is not among the metrics {sorted(metrics)}")
-    client = _client or MlflowClient()
-    version = _version or mlflow.register_model(model_uri, name)
     values = {k: float(v) for k, v in metrics.items()}
     tags = {f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in values.items()}
     tags.update({
@@ -200,8 +194,8 @@ def register_logged_model(
         TAG_EVAL_SPLIT: eval_split,
     })
     tags.update({str(k): str(v) for k, v in (extra_tags or {}).items()})
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version.version, key, value)
+    client = MlflowClient()
+    version = mlflow.register_model(model_uri, name, tags=tags)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     return ModelVersionInfo(
         name=name,
@@ -237,35 +231,34 @@ def _cpu_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
 def _to_numpy(output: Any) -> Any:
     """Model output as numpy for signature inference (tensor, tuple/list or dict of tensors)."""
     if isinstance(output, torch.Tensor):
-        return output.detach().float().cpu().numpy()
+        tensor = output.detach().cpu()
+        return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
     if isinstance(output, Mapping):
         return {k: _to_numpy(v) for k, v in output.items()}
     if isinstance(output, (list, tuple)):
-        return _to_numpy(output[0]) if len(output) == 1 else {str(i): _to_numpy(v) for i, v in enumerate(output)}
+        if len(output) == 1:
+            return _to_numpy(output[0])
+        return {str(i): _to_numpy(v) for i, v in enumerate(output)}
     return np.asarray(output)
 
 
-class _logging_run:
-    """Context manager yielding the run id to log the model under (see :func:`register_model`)."""
-
-    def __init__(self, run_id: str | None):
-        self._run_id = run_id
-        self._started = False
-
-    def __enter__(self) -> str:
-        active = mlflow.active_run()
-        if active is not None and self._run_id in (None, active.info.run_id):
-            return active.info.run_id
-        if self._run_id is not None:
-            run = mlflow.start_run(run_id=self._run_id, nested=active is not None)
-        else:
-            run = mlflow.start_run(run_name="register-model")
-        self._started = True
-        return run.info.run_id
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self._started:
-            mlflow.end_run("FINISHED" if exc_type is None else "FAILED")
+@contextmanager
+def _logging_run(run_id: str | None) -> Iterator[str]:
+    """Yield the run id to log the model under: the active run, else ``run_id`` reopened, else a new run."""
+    active = mlflow.active_run()
+    if active is not None and run_id in (None, active.info.run_id):
+        yield active.info.run_id
+        return
+    if run_id is not None:
+        run = mlflow.start_run(run_id=run_id, nested=active is not None)
+    else:
+        run = mlflow.start_run(run_name="register-model")
+    try:
+        yield run.info.run_id
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,14 +324,16 @@ def promote_if_better(
             "re-evaluate both on the same held-out split or promote with force=True",
         )
     if champ_value is None or not math.isfinite(champ_value):
-        return decide(False, "refused", f"champion v{champ_version} has no {key_metric!r} recorded; promote with force=True")
+        reason = f"champion v{champ_version} has no {key_metric!r} recorded; promote with force=True"
+        return decide(False, "refused", reason)
     margin = (cand_value - champ_value) if higher_is_better else (champ_value - cand_value)
     direction = "higher" if higher_is_better else "lower"
     if margin > min_delta:
         return decide(
             True,
             "promoted",
-            f"{key_metric} {cand_value:.6g} beats champion v{champ_version} {champ_value:.6g} ({direction} is better) on {eval_split!r}",
+            f"{key_metric} {cand_value:.6g} beats champion v{champ_version} {champ_value:.6g} "
+            f"({direction} is better) on {eval_split!r}",
         )
     return decide(
         False,
@@ -445,7 +440,11 @@ def show(name: str, version_or_alias: str | int) -> dict[str, Any]:
         source=mv.source,
         status=mv.status,
         description=mv.description or "",
-        metrics={k[len(METRIC_TAG_PREFIX) :]: _metric_tag(mv.tags, k[len(METRIC_TAG_PREFIX) :]) for k in mv.tags if k.startswith(METRIC_TAG_PREFIX)},
+        metrics={
+            key.removeprefix(METRIC_TAG_PREFIX): _metric_tag(mv.tags, key.removeprefix(METRIC_TAG_PREFIX))
+            for key in mv.tags
+            if key.startswith(METRIC_TAG_PREFIX)
+        },
         tags=dict(mv.tags),
     )
     return row

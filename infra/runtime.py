@@ -15,7 +15,8 @@ import random
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from typing import Any, ContextManager, Literal
+from contextlib import AbstractContextManager
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -58,7 +59,7 @@ def _in_ray_train_worker() -> bool:
     return _ray_train_context() is not None
 
 
-def device_and_precision(use_gpu: bool, precision: Precision = "auto") -> tuple[torch.device, Callable[[], ContextManager[Any]]]:
+def device_and_precision(use_gpu: bool, precision: Precision = "auto") -> tuple[torch.device, Callable[[], AbstractContextManager[Any]]]:
     """This worker's device and a factory of autocast contexts for its forward passes.
 
     GPU: the worker's own GPU (``ray.train.torch.get_device()`` in a Ray Train worker, which

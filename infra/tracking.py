@@ -37,7 +37,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source import DatasetSource
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
 if TYPE_CHECKING:

@@ -35,7 +35,6 @@ import fnmatch
 import glob as globlib
 import json
 import math
-import os
 import re
 import struct
 import tarfile
@@ -91,8 +90,11 @@ def list_cases(entry: Entry, base_dir: Path, *, max_voxels: int) -> list[CaseRef
     ``base_dir`` is the catalog file's folder (relative URIs start there). ``max_voxels``
     caps the number of array elements one case may declare; a file declaring more is
     quarantined before decoding (decompression-bomb guard). Case ids are unique in the result:
-    a repeated id keeps its first occurrence and the others are returned as cases whose
-    ``load()`` raises ``CaseError('duplicate case id ...')``.
+    a repeated id keeps its first occurrence, and each later occurrence is returned as
+    ``<id>#<n>`` (n = 2, 3, ...) whose ``load()`` raises ``CaseError("duplicate case id '<id>'
+    (also from <first origin>)")``. The suffix matters: the store keeps a case either in the
+    version or in quarantine, so quarantining a duplicate under the bare id would delete the
+    first, good case.
     """
     kind = entry.source.kind
     if kind == "synthetic":
@@ -103,7 +105,8 @@ def list_cases(entry: Entry, base_dir: Path, *, max_voxels: int) -> list[CaseRef
     if lister is None:
         raise CatalogError(f"no reader for source kind {kind!r}", entry=entry.name, field="source.kind",
                            hint=f"use one of: {', '.join(sorted([*_LISTERS, 'synthetic']))}")
-    return _finalize(lister(entry, Path(base_dir), max_voxels))
+    # Absolute, so that paths found inside matched folders are not re-joined to a relative base.
+    return _finalize(lister(entry, Path(base_dir).absolute(), max_voxels))
 
 
 # A lister returns (ref, origin) pairs; origin says where the case came from ("x.csv row 3",
@@ -114,13 +117,19 @@ Listed = list[tuple[CaseRef, str]]
 def _finalize(listed: Listed) -> list[CaseRef]:
     """Quarantine unsafe and duplicate case ids (first occurrence wins) and return the refs."""
     seen: dict[str, str] = {}
+    taken = {ref.case_id for ref, _ in listed}
     refs: list[CaseRef] = []
     for ref, origin in listed:
         if not ref.case_id or ref.case_id in (".", "..") or _UNSAFE_ID.search(ref.case_id):
             refs.append(_failing(ref.case_id, ref.sources, f"case id {ref.case_id!r} from {origin} is empty or contains a path "
                                                            "separator or control character; it cannot name a stored case"))
         elif ref.case_id in seen:
-            refs.append(_failing(ref.case_id, ref.sources, f"duplicate case id '{ref.case_id}' (also from {seen[ref.case_id]})"))
+            occurrence = 2
+            while f"{ref.case_id}#{occurrence}" in taken:
+                occurrence += 1
+            alias = f"{ref.case_id}#{occurrence}"
+            taken.add(alias)
+            refs.append(_failing(alias, ref.sources, f"duplicate case id '{ref.case_id}' (also from {seen[ref.case_id]})"))
         else:
             seen[ref.case_id] = origin
             refs.append(ref)
@@ -137,9 +146,9 @@ def _run_load(case_id: str, func: Callable[..., RawCase], args: tuple[Any, ...],
         raise CaseError(f"case '{case_id}': cannot decode: {type(exc).__name__}: {exc}") from exc
 
 
-def _ref(case_id: str, sources: list[Path], func: Callable[..., RawCase], *args: Any, **kwargs: Any) -> CaseRef:
-    """A CaseRef whose load() is ``func(case_id, *args, **kwargs)``, guarded (picklable: no lambdas)."""
-    return CaseRef(case_id=case_id, sources=list(sources), load=partial(_run_load, case_id, func, args, kwargs))
+def _ref(case_id: str, files: list[Path], func: Callable[..., RawCase], /, *args: Any, **kwargs: Any) -> CaseRef:
+    """A CaseRef over ``files`` whose load() is ``func(case_id, *args, **kwargs)``, guarded (picklable: no lambdas)."""
+    return CaseRef(case_id=case_id, sources=list(files), load=partial(_run_load, case_id, func, args, kwargs))
 
 
 def _raise_case_error(reason: str) -> RawCase:
@@ -281,7 +290,7 @@ def _list_nifti(entry: Entry, base_dir: Path, max_voxels: int) -> Listed:
             case_id = _match_id(pattern, path.name)
             if case_id is not None:
                 labels_by_id.setdefault(case_id, path)
-    maps: dict[int, dict[str, Path] | Path] = {}
+    maps: dict[int, tuple[dict[str, Path], Path | None]] = {}
     if src.probability_maps:
         declared = set(entry.labels.values()) if isinstance(entry.labels, dict) else None
         for value, uri in sorted(src.probability_maps.items()):
@@ -291,7 +300,7 @@ def _list_nifti(entry: Entry, base_dir: Path, max_voxels: int) -> Listed:
                                    hint="use the integers of 'labels:' (0 is background, left to voxels under the threshold)")
             files = _resolve(entry, base_dir, uri, field=field)
             not_images.update(files)
-            maps[value] = files[0] if len(files) == 1 else {cid: p for p in files if (cid := _match_id(pattern, p.name)) is not None}
+            maps[value] = ({cid: p for p in files if (cid := _match_id(pattern, p.name)) is not None}, files[0] if len(files) == 1 else None)
     images = [p for p in images if p not in not_images]
     if not images:
         raise _missing(entry, f"no image files match {src.uri!r} (all matches are label or probability-map files)")
@@ -300,7 +309,8 @@ def _list_nifti(entry: Entry, base_dir: Path, max_voxels: int) -> Listed:
     for path in images:
         case_id = _match_id(pattern, path.name)
         if case_id is None:
-            listed.append((_failing(path.name, [path], f"file name {path.name!r} does not match case_id_pattern {pattern.pattern!r}"), str(path)))
+            reason = f"file name {path.name!r} does not match case_id_pattern {pattern.pattern!r}"
+            listed.append((_failing(path.name, [path], reason), str(path)))
             continue
         label = None
         case_maps: list[tuple[int, Path]] | None = None
@@ -311,9 +321,9 @@ def _list_nifti(entry: Entry, base_dir: Path, max_voxels: int) -> Listed:
                 continue
         if maps:
             case_maps = []
-            for value, found in maps.items():
-                map_path = found if isinstance(found, Path) and len(images) == 1 else (
-                    found.get(case_id) if isinstance(found, dict) else None)
+            for value, (by_id, single) in maps.items():
+                # One map file for one image (a template such as MNI152), else matched by case id.
+                map_path = by_id.get(case_id) or (single if len(images) == 1 else None)
                 if map_path is None:
                     break
                 case_maps.append((value, map_path))
@@ -411,7 +421,7 @@ def _load_volume(case_id: str, images: list[Path], *, label: Path | None, maps: 
         if _spatial(image.header.get_data_shape()) != (shape, 1):
             raise CaseError(f"probability map {value} shape {image.header.get_data_shape()} != image shape {shape} ({path.name})")
 
-    volumes = [_nifti_data(h, p, "image").reshape(h.header.get_data_shape()) for p, h in zip(images, headers)]
+    volumes = [_nifti_data(h, p, "image") for p, h in zip(images, headers)]
     if len(volumes) > 1:
         image = np.stack([v.reshape(shape) for v in volumes])
     elif channels > 1:
@@ -492,7 +502,8 @@ def _list_msd(entry: Entry, base_dir: Path, max_voxels: int) -> Listed:
             sources = [p for p in [*images, label] if p is not None]
             missing = [rel for rel, p in zip([*image_rels, label_rel], [*images, label]) if rel and p is None]
             if missing:
-                listed.append((_failing(case_id, sources, f"file(s) listed in {spec_path.name} are missing: {', '.join(missing)}"), str(spec_path)))
+                reason = f"file(s) listed in {spec_path.name} are missing: {', '.join(missing)}"
+                listed.append((_failing(case_id, sources, reason), str(spec_path)))
                 continue
             listed.append((_ref(case_id, sources, _load_volume, images, label=label, maps=None, threshold=0.5, max_voxels=max_voxels,
                                 allow_channels=True, declared_labels=declared_labels, extra_meta=extra), str(images[0])))
@@ -507,7 +518,7 @@ def _msd_channels(spec: dict[str, Any]) -> list[str]:
 
 
 def _msd_cases(entry: Entry, folder: Path, spec: dict[str, Any], spec_path: Path) -> Iterator[tuple[str, list[str], str | None]]:
-    pattern = re.compile(r"^(?P<case>.+?)(_\d{4})?\.nii(\.gz)?$")
+    pattern = re.compile(r"^(?P<case>.+?)(_0000)?\.nii(\.gz)?$")
     if "training" in spec:
         training = spec["training"]
         if not isinstance(training, list) or not all(isinstance(t, dict) and isinstance(t.get("image"), str) for t in training):
@@ -551,11 +562,12 @@ def _positive_floats(value: Any, count: int) -> list[float] | None:
     return numbers if len(numbers) == count and all(math.isfinite(v) and v > 0 for v in numbers) else None
 
 
-def _dicom_pixels(ds: Any, path: Path, max_voxels: int) -> np.ndarray:
-    """Decoded pixels: modality LUT (RescaleSlope/Intercept) applied, MONOCHROME1 inverted.
+def _dicom_pixels(ds: Any, path: Path, max_voxels: int) -> tuple[np.ndarray, np.dtype]:
+    """Decoded pixels, modality LUT (RescaleSlope/Intercept) applied and MONOCHROME1 inverted,
+    with the stored dtype.
 
-    Returns (H, W), (H, W, 3) or for multi-frame files (F, H, W). The declared size is checked
-    before the pixel data is decoded.
+    Pixels are (H, W), (H, W, 3) or for multi-frame files (F, H, W). The declared size is
+    checked before the pixel data is decoded.
     """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise CaseError(f"{path.name} has no pixel data")
@@ -567,6 +579,7 @@ def _dicom_pixels(ds: Any, path: Path, max_voxels: int) -> np.ndarray:
     except _DECODE_ERRORS as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise CaseError(f"cannot decode the pixel data of {path.name} (transfer syntax {syntax}): {type(exc).__name__}: {exc}") from None
+    stored = pixels.dtype
     if samples == 1:
         from pydicom.pixels import apply_modality_lut
 
@@ -577,14 +590,15 @@ def _dicom_pixels(ds: Any, path: Path, max_voxels: int) -> np.ndarray:
         if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
             pixels = _invert(pixels)
     _check_finite(path.name, pixels)
-    return np.ascontiguousarray(pixels)
+    return np.ascontiguousarray(pixels), stored
 
 
 def _invert(pixels: np.ndarray) -> np.ndarray:
     """MONOCHROME1 (high = dark) to MONOCHROME2, mirrored within the image's own value range."""
     low, high = pixels.min(), pixels.max()
-    wide = pixels.astype(np.float64 if pixels.dtype.kind == "f" else np.int64)
-    return (float(high) + float(low) - wide).astype(pixels.dtype) if pixels.dtype.kind == "f" else (int(high) + int(low) - wide).astype(pixels.dtype)
+    if pixels.dtype.kind == "f":
+        return (high + low - pixels).astype(pixels.dtype)
+    return (int(high) + int(low) - pixels.astype(np.int64)).astype(pixels.dtype)
 
 
 def _dicom_meta(ds: Any, path: Path) -> dict[str, Any]:
@@ -626,8 +640,8 @@ def _list_dicom(entry: Entry, base_dir: Path, max_voxels: int) -> Listed:
 def _load_dicom_file(case_id: str, path: Path, *, max_voxels: int) -> RawCase:
     """One file: a 2D image, or a 3D volume for multi-frame files."""
     ds = _dcmread(path, header_only=False)
-    pixels = _dicom_pixels(ds, path, max_voxels)
-    meta = _common_meta([path], pixels.shape, pixels.dtype)
+    pixels, stored = _dicom_pixels(ds, path, max_voxels)
+    meta = _common_meta([path], pixels.shape, stored)
     meta.update(_dicom_meta(ds, path))
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1 and pixels.ndim == 3 and int(ds.get("SamplesPerPixel") or 1) == 1:
@@ -670,7 +684,8 @@ def _multiframe_geometry(ds: Any, pixels: np.ndarray) -> tuple[np.ndarray, list[
     return volume, np.diag([*diagonal, 1.0]).tolist(), diagonal if known else None
 
 
-def _slice_affine(iop: list[float], pixel_spacing: list[float], positions: np.ndarray, default_gap: float) -> tuple[list[list[float]], list[float]]:
+def _slice_affine(iop: list[float], pixel_spacing: list[float], positions: np.ndarray,
+                  default_gap: float) -> tuple[list[list[float]], list[float]]:
     """RAS+ affine of an (X=column, Y=row, Z=slice) volume from DICOM geometry (slices already sorted).
 
     The slice step is the mean step between first and last slice position, so gantry tilt
@@ -734,13 +749,13 @@ def _load_dicom_series(case_id: str, paths: list[Path], *, declared: int, tolera
     slices = []
     for i in order:
         ds = datasets[i]
-        pixels = _dicom_pixels(ds, paths[i], max_voxels)
+        pixels, stored = _dicom_pixels(ds, paths[i], max_voxels)
         if pixels.ndim != 2:
             raise CaseError(f"{paths[i].name} has pixel shape {pixels.shape}; a series needs single-frame grayscale slices")
         slices.append(pixels)
     dtype = np.result_type(*[s.dtype for s in slices])
     volume = np.stack([s.astype(dtype, copy=False).T for s in slices], axis=-1)
-    meta = _common_meta(sorted_paths, (len(slices), *size0), datasets[0].pixel_array.dtype if False else slices[0].dtype)
+    meta = _common_meta(sorted_paths, (len(slices), *size0), stored)
     meta.update(_dicom_meta(ds0, paths[0]), affine=affine, spacing=spacing, orientation=_axcodes(affine), n_slices=len(slices))
     return RawCase(case_id=case_id, arrays={"image": np.ascontiguousarray(volume)}, meta=meta)
 
@@ -753,9 +768,15 @@ def _axcodes(affine: list[list[float]]) -> str:
 
 # --------------------------------------------------------------------------- image
 def _sniff(path: Path) -> str:
-    """The file's format from its magic bytes (extensions lie; DICOM often has none)."""
+    """The file's format from its magic bytes (extensions lie; DICOM often has none).
+
+    DICOM is tested first: its 128-byte preamble may itself hold a TIFF header (dual-format
+    files such as RG1_UNCR.dcm), and reading those as TIFF would skip the DICOM semantics.
+    """
     with open(path, "rb") as fh:
         head = fh.read(132)
+    if head[128:132] == b"DICM":
+        return "dicom"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
     if head.startswith(b"\xff\xd8\xff"):
@@ -764,8 +785,6 @@ def _sniff(path: Path) -> str:
         return "tiff"
     if head.startswith(b"BM"):
         return "bmp"
-    if head[128:132] == b"DICM":
-        return "dicom"
     return "unknown"
 
 
@@ -792,10 +811,10 @@ def _load_image(case_id: str, path: Path, *, grayscale: bool, max_voxels: int) -
     meta: dict[str, Any]
     if kind == "dicom":
         ds = _dcmread(path, header_only=False)
-        pixels = _dicom_pixels(ds, path, max_voxels)
         if int(ds.get("NumberOfFrames") or 1) > 1:
-            raise CaseError(f"{path.name} is a multi-frame DICOM ({pixels.shape}); an image source takes single 2D images")
-        meta = _common_meta([path], pixels.shape, pixels.dtype)
+            raise CaseError(f"{path.name} is a multi-frame DICOM ({ds.NumberOfFrames} frames); an image source takes single 2D images")
+        pixels, stored = _dicom_pixels(ds, path, max_voxels)
+        meta = _common_meta([path], pixels.shape, stored)
         meta.update(_dicom_meta(ds, path),
                     spacing=_positive_floats(ds.get("PixelSpacing"), 2) or _positive_floats(ds.get("ImagerPixelSpacing"), 2))
     elif kind == "tiff":
@@ -841,7 +860,7 @@ def _read_pil_image(path: Path, max_voxels: int, grayscale: bool) -> tuple[np.nd
             pixels = np.asarray(image)
             pixels = pixels.astype(pixels.dtype.newbyteorder("="))
         else:
-            pixels = np.asarray(image.convert("L" if grayscale or bands == 1 and image.mode != "P" else "RGB"))
+            pixels = np.asarray(image.convert("L" if grayscale or image.mode in ("1", "L", "LA") else "RGB"))
     result = _common_meta([path], original, pixels.dtype)
     result.update(meta, spacing=None)
     return pixels, result
@@ -918,7 +937,8 @@ def _list_slide(entry: Entry, base_dir: Path, max_voxels: int) -> Listed:
     return listed
 
 
-def _slide_tiles(path: Path, level: int, tile: int, stride: int, min_fraction: float, max_voxels: int) -> tuple[list[tuple[int, int, float]], dict[str, Any]]:
+def _slide_tiles(path: Path, level: int, tile: int, stride: int, min_fraction: float,
+                 max_voxels: int) -> tuple[list[tuple[int, int, float]], dict[str, Any]]:
     """Tile origins (x, y, tissue fraction) at ``level`` that reach ``min_fraction``.
 
     Tissue is measured on the slide's smallest pyramid level when that fits in
@@ -1034,7 +1054,7 @@ def _xml_archive_records(path: Path, src: Any, budget: float) -> Listed:
                 name = PurePosixPath(member.name)
                 if not (fnmatch.fnmatch(member.name, src.member_glob) or fnmatch.fnmatch(name.name, src.member_glob)):
                     continue
-                case_id, origin = name.name.split(".")[0], f"{path.name}:{member.name}"
+                case_id, origin = name.stem, f"{path.name}:{member.name}"
                 if member.size > MAX_TEXT_BYTES:
                     listed.append((_failing(case_id, [path], f"case '{case_id}': {origin} is {member.size:,} bytes, over the "
                                                              f"{MAX_TEXT_BYTES:,}-byte limit for one report; not read"), origin))
@@ -1215,7 +1235,8 @@ def _list_table(entry: Entry, base_dir: Path, max_voxels: int) -> Listed:
             frame = _read_table(path, src.format)
         except (ValueError, OSError, pd.errors.ParserError, UnicodeDecodeError, NotImplementedError) as exc:
             stem = path.name.split(".")[0]
-            listed.append((_failing(stem, [path], f"table {path.name} cannot be parsed as {src.format}: {type(exc).__name__}: {exc}"), str(path)))
+            reason = f"table {path.name} cannot be parsed as {src.format}: {type(exc).__name__}: {exc}"
+            listed.append((_failing(stem, [path], reason), str(path)))
             continue
         columns = [str(c) for c in frame.columns]
         frame.columns = columns
@@ -1327,6 +1348,8 @@ def _list_h5ad(entry: Entry, base_dir: Path, max_voxels: int) -> Listed:
                         raise CatalogError(f"{path.name} has no obs column '{src.label_column}'", entry=entry.name,
                                            field="source.label_column", hint="name a column of adata.obs")
                 layout, shape = _h5ad_matrix(f["X"])
+        except CatalogError:
+            raise
         except (OSError, KeyError, ValueError, TypeError) as exc:
             listed.append((_failing(stem, [path], f"{path.name} is not a readable .h5ad file: {type(exc).__name__}: {exc}"), str(path)))
             continue

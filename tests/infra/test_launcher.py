@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from infra.checkpoint import latest_checkpoint, load_checkpoint
-from infra.launcher import LaunchResult, ensure_ray, launch
+from infra.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from infra.launcher import RAY_SNAPSHOT_FILE, LaunchResult, ensure_ray, launch, prepare_resume, run_dir, snapshot_problem
 from infra.runtime import all_reduce_mean, report, seed_everything, set_threads, world_info
 from infra.settings import Settings
 
@@ -96,11 +96,12 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     home = tmp_path_factory.mktemp("medfoundry")
     settings = Settings(home=home, num_workers=2, cpus_per_worker=1, threads_per_worker=1, use_gpu=False)
-    ensure_ray(settings, num_cpus=2)
+    started = ensure_ray(settings, num_cpus=2)
     yield settings
     import ray
 
-    ray.shutdown()
+    if started:
+        ray.shutdown()
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     os.environ.clear()
     os.environ.update(saved_env)
@@ -136,11 +137,10 @@ def test_worker_failure_restarts_from_last_checkpoint(settings: Settings, tmp_pa
 
     assert result.ok, result.error
     assert (tmp_path / "failed-once").exists(), "the fault was never injected"
-    starts = _records(tmp_path, "starts")
-    assert [s["first_step"] for s in starts][0] == 1 and len(starts) == 2
-    reported_before_restart = [r["step"] for r in _records(tmp_path, "reports") if r["step"] < fail_at]
-    restart = starts[1]["first_step"]
-    assert restart > 1 and restart == max(reported_before_restart) + 1 == STEPS_PER_EPOCH + 1
+    first_steps = [s["first_step"] for s in _records(tmp_path, "starts")]
+    last_checkpointed = max(r["step"] for r in _records(tmp_path, "reports") if r["step"] < fail_at)
+    assert first_steps == [1, last_checkpointed + 1], "the restarted attempt must continue after the last checkpoint"
+    assert last_checkpointed == STEPS_PER_EPOCH
     assert result.metrics["step"] == 2 * STEPS_PER_EPOCH
 
 
@@ -157,3 +157,26 @@ def test_relaunch_with_same_name_resumes_killed_run(settings: Settings, tmp_path
     assert [(s["first_epoch"], s["first_step"]) for s in starts] == [(1, 1), (3, 2 * STEPS_PER_EPOCH + 1)]
     assert [r["epoch"] for r in _records(tmp_path, "reports")] == [1, 2, 3, 4]
     assert load_checkpoint(resumed.checkpoint)["epoch"] == 4
+
+
+@pytest.mark.parametrize("problem", ["other_ray_version", "deleted_checkpoint"])
+def test_snapshot_ray_would_refuse_falls_back_to_resume_from(tmp_path: Path, problem: str) -> None:
+    """No fit needed: a snapshot Ray rejects at start is moved aside and our newest checkpoint used."""
+    import ray
+
+    settings = Settings(home=tmp_path)
+    run = Path(run_dir(settings, "old"))
+    for step in (4, 8):
+        save_checkpoint(run / f"checkpoint_{step}", method="toy", step=step, epoch=step // 4, state={}, config={})
+    version = "2.0.0" if problem == "other_ray_version" else ray.__version__
+    names = ["checkpoint_4", "checkpoint_8"] + (["checkpoint_gone"] if problem == "deleted_checkpoint" else [])
+    snapshot = {"ray_version": version, "checkpoint_results": [{"checkpoint_dir_name": n, "metrics": {}} for n in names]}
+    (run / RAY_SNAPSHOT_FILE).write_text(json.dumps(snapshot))
+
+    assert snapshot_problem(str(run)) is not None
+    config = prepare_resume(settings, "old", {"lr": 0.1})
+
+    assert config == {"lr": 0.1, "resume_from": str(run / "checkpoint_8")}
+    assert not (run / RAY_SNAPSHOT_FILE).exists()
+    assert len(list(run.glob(f"{RAY_SNAPSHOT_FILE}.stale-*"))) == 1
+    assert prepare_resume(settings, "old", {"resume_from": "elsewhere"}) == {"resume_from": "elsewhere"}

@@ -18,13 +18,17 @@ from mlflow import MlflowClient
 from infra import registry, tracking
 from infra.settings import Settings, get_settings
 
+Registered = tuple[registry.ModelVersionInfo, str]
+
 
 class TinyEncoder(torch.nn.Module):
     """Enough structure to matter for export: dropout and batch norm behave differently in eval."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Dropout(0.5))
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Dropout(0.5)
+        )
         self.head = torch.nn.Linear(16, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +65,7 @@ def encoder(store: str) -> TinyEncoder:
 
 
 @pytest.fixture(scope="module")
-def registered(encoder: TinyEncoder, example: np.ndarray) -> tuple[registry.ModelVersionInfo, str]:
+def registered(encoder: TinyEncoder, example: np.ndarray) -> Registered:
     """Version 1 of "encoder", logged under a stage run of a flow run: (info, stage run id)."""
     with tracking.flow_run("foundation"):
         with tracking.stage_run("register") as run:
@@ -84,11 +88,25 @@ def survival(store: str) -> registry.ModelVersionInfo:
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     example = np.random.default_rng(1).standard_normal((1, 8)).astype(np.float32)
     return registry.register_model(
-        model, "survival", input_example=example, metrics={"ibs": 0.2}, key_metric="ibs", higher_is_better=False, eval_split="test"
+        model,
+        "survival",
+        input_example=example,
+        metrics={"ibs": 0.2},
+        key_metric="ibs",
+        higher_is_better=False,
+        eval_split="test",
     )
 
 
-def _version(info: registry.ModelVersionInfo, name: str, value: float, *, key: str = "dice", split: str = "heldout-v1", higher: bool = True) -> str:
+def _version(
+    info: registry.ModelVersionInfo,
+    name: str,
+    value: float,
+    *,
+    key: str = "dice",
+    split: str = "heldout-v1",
+    higher: bool = True,
+) -> str:
     """Register another version of ``name`` from an already logged model (fast)."""
     return registry.register_logged_model(
         info.logged_model_uri, name, metrics={key: value}, key_metric=key, eval_split=split, higher_is_better=higher
@@ -96,10 +114,10 @@ def _version(info: registry.ModelVersionInfo, name: str, value: float, *, key: s
 
 
 def _aliases(name: str) -> dict[str, str]:
-    return dict(MlflowClient().get_registered_model(name).aliases)
+    return {alias: str(version) for alias, version in MlflowClient().get_registered_model(name).aliases.items()}
 
 
-def test_register_sets_candidate_tags_and_run(registered: tuple[registry.ModelVersionInfo, str], encoder: TinyEncoder) -> None:
+def test_register_sets_candidate_tags_and_run(registered: Registered, encoder: TinyEncoder) -> None:
     info, stage_run_id = registered
     assert info.version == "1"
     assert info.aliases == ("candidate",)
@@ -118,10 +136,14 @@ def test_register_sets_candidate_tags_and_run(registered: tuple[registry.ModelVe
 
 def test_register_requires_the_key_metric(encoder: TinyEncoder, example: np.ndarray) -> None:
     with pytest.raises(KeyError, match="auc"):
-        registry.register_model(encoder, "encoder", input_example=example, metrics={"dice": 0.1}, key_metric="auc", eval_split="x")
+        registry.register_model(
+            encoder, "encoder", input_example=example, metrics={"dice": 0.1}, key_metric="auc", eval_split="x"
+        )
 
 
-def test_first_candidate_becomes_champion_and_loads_equal(registered: tuple[registry.ModelVersionInfo, str], encoder: TinyEncoder, example: np.ndarray) -> None:
+def test_first_candidate_becomes_champion_and_loads_equal(
+    registered: Registered, encoder: TinyEncoder, example: np.ndarray
+) -> None:
     decision = registry.promote_if_better("encoder", "1", "dice", True, "heldout-v1")
     assert decision.promoted and decision.decision == "promoted"
     assert decision.champion_version_before is None
@@ -140,7 +162,7 @@ def test_first_candidate_becomes_champion_and_loads_equal(registered: tuple[regi
         encoder.train()
 
 
-def test_worse_candidate_keeps_champion_and_records_both_values(registered: tuple[registry.ModelVersionInfo, str]) -> None:
+def test_worse_candidate_keeps_champion_and_records_both_values(registered: Registered) -> None:
     info, _ = registered
     first = _version(info, "gate-worse", 0.70)
     assert registry.promote_if_better("gate-worse", first).promoted
@@ -163,26 +185,27 @@ def test_worse_candidate_keeps_champion_and_records_both_values(registered: tupl
     assert MlflowClient().get_model_version("gate-worse", better).tags["promotion.decision"] == "promoted"
 
 
-def test_ties_keep_the_champion(registered: tuple[registry.ModelVersionInfo, str]) -> None:
+def test_ties_keep_the_champion(registered: Registered) -> None:
     info, _ = registered
     first = _version(info, "gate-tie", 0.5)
     registry.promote_if_better("gate-tie", first)
     assert not registry.promote_if_better("gate-tie", _version(info, "gate-tie", 0.5)).promoted
 
 
-def test_lower_is_better(registered: tuple[registry.ModelVersionInfo, str]) -> None:
+def test_lower_is_better(registered: Registered) -> None:
     info, _ = registered
     kw = {"key": "loss", "higher": False}
     first = _version(info, "gate-lower", 0.5, **kw)
     assert registry.promote_if_better("gate-lower", first).promoted
-    assert not registry.promote_if_better("gate-lower", _version(info, "gate-lower", 0.6, **kw), "loss", False, "heldout-v1").promoted
+    worse = _version(info, "gate-lower", 0.6, **kw)
+    assert not registry.promote_if_better("gate-lower", worse, "loss", False, "heldout-v1").promoted
     lower = _version(info, "gate-lower", 0.4, **kw)
     decision = registry.promote_if_better("gate-lower", lower, "loss", False, "heldout-v1")
     assert decision.promoted and (decision.candidate_value, decision.champion_value) == (0.4, 0.5)
     assert _aliases("gate-lower")["champion"] == lower
 
 
-def test_different_eval_split_is_refused(registered: tuple[registry.ModelVersionInfo, str]) -> None:
+def test_different_eval_split_is_refused(registered: Registered) -> None:
     info, _ = registered
     first = _version(info, "gate-split", 0.5)
     registry.promote_if_better("gate-split", first)
@@ -203,12 +226,29 @@ def test_different_eval_split_is_refused(registered: tuple[registry.ModelVersion
     assert MlflowClient().get_model_version("gate-split", other).tags["promotion.decision"] == "forced"
 
 
-def test_manual_promote_runs_the_gate(registered: tuple[registry.ModelVersionInfo, str]) -> None:
+def test_manual_promote_runs_the_gate(registered: Registered) -> None:
     info, _ = registered
     first = _version(info, "gate-manual", 0.5)
     assert registry.promote("gate-manual", first).promoted
     assert not registry.promote("gate-manual", _version(info, "gate-manual", 0.4)).promoted
     assert registry.promote("gate-manual", first).decision == "already_champion"
+
+
+def test_register_under_a_finished_run_reopens_it(registered: Registered, encoder: TinyEncoder) -> None:
+    _, stage_run_id = registered
+    example = np.ones((2, 8), dtype=np.float32)
+    info = registry.register_model(
+        encoder,
+        "reopened",
+        input_example=example,
+        metrics={"dice": 0.1},
+        key_metric="dice",
+        eval_split="x",
+        run_id=stage_run_id,
+    )
+    assert info.run_id == stage_run_id
+    assert MlflowClient().get_run(stage_run_id).info.status == "FINISHED"
+    assert mlflow.active_run() is None
 
 
 def test_one_row_example_keeps_a_dynamic_batch(survival: registry.ModelVersionInfo) -> None:
@@ -218,20 +258,22 @@ def test_one_row_example_keeps_a_dynamic_batch(survival: registry.ModelVersionIn
         assert loaded(torch.zeros(3, 8)).shape == (3, 1)
 
 
-def test_list_versions_and_show(registered: tuple[registry.ModelVersionInfo, str], survival: registry.ModelVersionInfo) -> None:
+def test_list_versions_and_show(registered: Registered, survival: registry.ModelVersionInfo) -> None:
     info, _ = registered
-    second = _version(info, "gate-list", 0.3)
     registry.promote_if_better("gate-list", _version(info, "gate-list", 0.2))  # v1: champion
+    second = _version(info, "gate-list", 0.3)
     rows = registry.list_versions("gate-list")
     assert [(r["version"], r["aliases"]) for r in rows] == [("1", ["champion"]), ("2", ["candidate"])]
     assert rows[1]["version"] == second
     assert rows[1]["key_metric"] == "dice" and rows[1]["key_metric_value"] == 0.3
     assert rows[1]["eval_split"] == "heldout-v1" and rows[1]["run_id"] == info.run_id
+    assert rows[0]["decision"] == "promoted" and rows[1]["decision"] is None
     assert rows[0]["created"].endswith("+00:00")
 
     everything = registry.list_versions()
-    assert {(r["name"], r["version"]) for r in everything} >= {("encoder", "1"), ("survival", "1"), ("gate-list", "1"), ("gate-list", "2")}
-    assert len(everything) == len({(r["name"], r["version"]) for r in everything})
+    listed = {(r["name"], r["version"]) for r in everything}
+    assert listed >= {("encoder", "1"), ("survival", "1"), ("gate-list", "1"), ("gate-list", "2")}
+    assert len(everything) == len(listed)
 
     shown = registry.show("gate-list", "champion")
     assert shown["version"] == "1" and shown["metrics"] == {"dice": 0.2}

@@ -180,7 +180,8 @@ def test_metric_series_plots_and_dict_artifacts(client: MlflowClient, tmp_path: 
     with tracking.stage_run("tpp") as run:
         assert tracking.log_metrics_series(history, prefix="train/") == 10
         assert tracking.log_loss_curve(history, ["loss", "val_loss"], "plots/loss") == "plots/loss.png"
-        assert tracking.log_dict_artifact({"best_step": 4, "per_case": [0.1, 0.2]}, "eval/summary") == "eval/summary.json"
+        summary_path = tracking.log_dict_artifact({"best_step": 4, "per_case": [0.1, 0.2]}, "eval/summary")
+        assert summary_path == "eval/summary.json"
         with pytest.raises(KeyError, match="dice"):
             tracking.log_loss_curve(history, ["dice"])
     run_id = run.info.run_id
