@@ -32,8 +32,14 @@ CHECKPOINT_MODEL_KEYS: tuple[str, ...] = ("student", "state_dict", "model")
 
 _RENAME_RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^cls_token$"), "encoder_stages.0.cls_token"),
-    (re.compile(r"^patch_embed(?P<dim>[23]D)(?P<stage>[1-4])\.proj\."), "encoder_stages.{stage}.patch_embed.conv{dim}."),
-    (re.compile(r"^patch_embed(?P<dim>[23]D)(?P<stage>[1-4])\.norm\."), "encoder_stages.{stage}.patch_embed.norm{dim}."),
+    (
+        re.compile(r"^patch_embed(?P<dim>[23]D)(?P<stage>[1-4])\.proj\."),
+        "encoder_stages.{stage}.patch_embed.conv{dim}.",
+    ),
+    (
+        re.compile(r"^patch_embed(?P<dim>[23]D)(?P<stage>[1-4])\.norm\."),
+        "encoder_stages.{stage}.patch_embed.norm{dim}.",
+    ),
     (re.compile(r"^pos_embed(?P<dim>[23]D)(?P<stage>[1-4])$"), "encoder_stages.{stage}.pos_embed{dim}"),
     (re.compile(r"^block(?P<stage>[1-4])\."), "encoder_stages.{stage}.blocks."),
     (re.compile(r"^norm\."), "decoder_norm."),

@@ -34,9 +34,9 @@ Deviations (and why):
 * When a decoder upsampling overshoots an odd-sized encoder map, the upsampled map is
   cropped (or zero-padded) to the encoder map's size before the addition; with power-of-two
   sizes (all spec configs) this never happens.
-* The cls token has its own position-embedding slot (``pos_embed`` has ``1 + N`` rows, not
-  resized). In the sr attention, the LayerNorm is applied to the key/value sequence
-  ``[cls ; reduced tokens]``.
+* Choices where the spec is silent: the cls token has its own position-embedding slot
+  (``pos_embed`` has ``1 + N`` rows; that row is never resized), and in the sr attention the
+  LayerNorm is applied to the whole key/value sequence ``[cls ; reduced tokens]``.
 * Stochastic depth is configurable but defaults to 0, which is what the official run
   effectively uses (the factory functions drop the requested 0.1; spec code quirk).
 * Weight init: Linear trunc-normal(0.02) and zero bias, norms (1, 0), convs Kaiming normal

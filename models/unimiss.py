@@ -4,9 +4,9 @@ Implements spec ``unimiss.md`` sections (c) and (d) on top of :class:`models.mit
 
 * :class:`DINOHead` - MLP in->2048->2048->256 (GELU), L2 normalisation, weight-normalised
   Linear 256->out_dim without bias whose weight-norm gain is fixed to 1 (not trainable).
-* :class:`BackboneWithHead`, :func:`build_teacher`, :class:`UniMiSSStudentTeacher` - the
-  student is backbone + head; the teacher is an exact deep copy with ``requires_grad=False``,
-  updated only by :func:`ema_update`.
+* :class:`BackboneWithHead`, :func:`build_student`, :func:`build_teacher`,
+  :class:`UniMiSSStudentTeacher` - the student is backbone + head; the teacher is an exact
+  deep copy with ``requires_grad=False``, updated only by :func:`ema_update`.
 * :class:`DINOLoss` - cross-entropy between centred/sharpened teacher softmax and student
   log-softmax over the two global views, same-view pairs skipped; the centre is updated after
   every call (all-reduced across workers when distributed).
@@ -207,6 +207,18 @@ class BackboneWithHead(nn.Module):
         return self.head(self.backbone(x))
 
 
+def build_student(backbone: MiT, config: UniMiSSConfig) -> BackboneWithHead:
+    """Backbone + a DINO head sized by ``config`` (input width = the backbone's cls width)."""
+    head = DINOHead(
+        backbone.out_dim,
+        config.out_dim,
+        hidden_dim=config.head_hidden_dim,
+        bottleneck_dim=config.head_bottleneck_dim,
+        norm_last_layer=config.norm_last_layer,
+    )
+    return BackboneWithHead(backbone, head)
+
+
 def build_teacher(student: nn.Module) -> nn.Module:
     """Exact deep copy of the student with every parameter frozen (spec (g)1)."""
     teacher = copy.deepcopy(student)
@@ -360,14 +372,7 @@ class UniMiSSStudentTeacher(nn.Module):
     def __init__(self, backbone: MiT, config: UniMiSSConfig | None = None, reduce_fn: ReduceFn | None = None) -> None:
         super().__init__()
         self.config = config = config or UniMiSSConfig()
-        head = DINOHead(
-            backbone.out_dim,
-            config.out_dim,
-            hidden_dim=config.head_hidden_dim,
-            bottleneck_dim=config.head_bottleneck_dim,
-            norm_last_layer=config.norm_last_layer,
-        )
-        self.student = BackboneWithHead(backbone, head)
+        self.student = build_student(backbone, config)
         self.teacher = build_teacher(self.student)
         self.criterion = DINOLoss(
             config.out_dim,

@@ -63,18 +63,18 @@ def pretrain_unimiss(profile: str, versions: dict[str, str], parent_run_id: str)
         mlflow.log_artifacts(checkpoint, artifact_path="checkpoint")
         outputs = {"checkpoint": checkpoint, "loss_first": history[0][1] if history else None,
                    "loss_last": history[-1][1] if history else None, "seconds": time.perf_counter() - started,
-                   "model_size": p.model_size, "out_dim": config["hyper"].get("out_dim")}
+                   "model_size": p.model_size, "out_dim": config["hyper"]["out_dim"]}
         record_outputs(run_id, outputs)
     return {**outputs, "run_id": run_id, "skipped": False}
 
 
 def _unimiss_hyper(p) -> dict[str, Any]:
+    """The resolved hyper-parameters (recorded in the stage's params and in every checkpoint)."""
     from dataclasses import asdict
 
-    from models.unimiss import UniMiSSConfig
+    from tasks.recipes.unimiss import build_hyper
 
-    base = UniMiSSConfig.cpu() if p.model_size == "cpu_small" else UniMiSSConfig()
-    return {**asdict(base), **p.hyper}
+    return asdict(build_hyper(p.model_size, p.hyper, p.epochs))
 
 
 def _metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
@@ -201,9 +201,9 @@ def evaluate_classification(profile: str, dataset: str, version: str, pretrained
     import torch
 
     from infra import tracking
-    from infra.checkpoint import load_checkpoint
     from infra.storage import DatasetStore
     from models.mit import MiT, MiTConfig
+    from tasks.recipes.unimiss import pretrained_backbone_state
     from tasks.evaluate import finetune_classifier, linear_probe
 
     settings = get_settings()
@@ -233,8 +233,7 @@ def evaluate_classification(profile: str, dataset: str, version: str, pretrained
                 torch.manual_seed(0)
                 net = MiT(getattr(MiTConfig, model_size)())
                 if init == "unimiss":
-                    student = load_checkpoint(pretrained["checkpoint"])["state"]["student"]
-                    net.load_state_dict({k.removeprefix("backbone."): v for k, v in student.items() if k.startswith("backbone.")})
+                    net.load_state_dict(pretrained_backbone_state(pretrained["checkpoint"]))
                 return net
             probe = linear_probe(backbone(), train, test, len(class_index), epochs=p.probe_epochs)
             tuned = finetune_classifier(backbone(), train, test, len(class_index), epochs=p.finetune_epochs)

@@ -110,7 +110,8 @@ class SyntheticParams:
         return _digest_from(hashlib.sha256(self.canonical_json().encode()), case_index)
 
 
-def _digest_from(base: "hashlib._Hash", case_index: int) -> str:
+def _digest_from(base: Any, case_index: int) -> str:
+    """Finish a copy of the parameters' running sha256 with the case index."""
     h = base.copy()
     h.update(f"|case_index={case_index}".encode())
     return h.hexdigest()
@@ -174,6 +175,7 @@ class _Generator:
     """What a generator accepts and how it builds one case."""
 
     build: Callable[[SyntheticParams, int, str], RawCase]
+    dims: int
     default_shape: tuple[int, ...] | None
     min_size: int
     max_size: int
@@ -192,6 +194,9 @@ def resolve_synthetic_params(entry: Entry) -> SyntheticParams:
         raise CatalogError(f"source kind '{source.kind}' is not synthetic", entry=entry.name, field="source.kind",
                            hint="list_synthetic_cases only reads 'kind: synthetic' entries")
     gen = _GENERATORS[source.generator]
+    if entry.dims != gen.dims:
+        raise CatalogError(f"generator '{source.generator}' makes {gen.dims}D cases, the entry says dims: {entry.dims}",
+                           entry=entry.name, field="dims", hint=f"set dims: {gen.dims}")
     if source.seed < 0:
         raise CatalogError(f"seed must be >= 0, got {source.seed}", entry=entry.name, field="source.seed",
                            hint="use a non-negative integer")
@@ -388,7 +393,7 @@ def _sample_hu(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     hu[_T["tumor"]] = hu[_T["liver"]] - u(40, 75)
     hu[_T["spleen"]] = u(95, 140)
     hu[_T["stomach_wall"]] = u(90, 130)
-    hu[_T["stomach"]] = u(-5, 20)
+    hu[_T["stomach"]] = u(15, 35)
     hu[_T["stomach_gas"]] = u(-980, -900)
     hu[[_T["kidney_right"], _T["kidney_left"]]] = u(140, 200)
     hu[_T["effusion"]] = u(5, 20)
@@ -489,8 +494,8 @@ def _sample_anatomy(rng: np.random.Generator, tumor_probability: float) -> _Anat
     tumor_r = u(0.07, 0.14) * u(0.8, 1.2, 3)
     tumor = _Blob(tumor_center, tumor_r, _rotation(u(-30, 30, 3)), rng.normal(0.0, 0.08, 9))
     has_tumor = bool(u() < tumor_probability)
-    has_gas = bool(u() < 0.8)
-    gas_level = u(0.2, 0.6)
+    has_gas = bool(u() < 0.5)
+    gas_level = u(0.7, 0.9)
     hu, texture = _sample_hu(rng)
     return _Anatomy(
         bx=0.86 * sx, by_ant=0.6 * sy, by_post=by_post, t_fat=t_fat, t_wall=t_wall,
@@ -577,7 +582,8 @@ def _local_y(grid: _Grid, blob: _Blob, sl: tuple[slice, slice, slice]) -> np.nda
     """The blob's second local coordinate (normalised by its radius) inside ``sl``."""
     x, y, z = grid.coords(sl)
     rot, c, r = blob.rot, blob.center, float(blob.radii[1])
-    return (x - float(c[0])) * float(rot[0, 1] / r) + (y - float(c[1])) * float(rot[1, 1] / r) + (z - float(c[2])) * float(rot[2, 1] / r)
+    return ((x - float(c[0])) * float(rot[0, 1] / r) + (y - float(c[1])) * float(rot[1, 1] / r)
+            + (z - float(c[2])) * float(rot[2, 1] / r))
 
 
 def _paint(tissue: np.ndarray, sl: tuple[slice, ...], mask: np.ndarray, code: str,
@@ -676,14 +682,14 @@ def _render(anat: _Anatomy, grid: _Grid, rng: np.random.Generator, chest: _Chest
         sign = 1.0 if side == "right" else -1.0
         _paint_blob(tissue, grid, blob, lung_codes[side], _lut(["mediastinum"]),
                     extra=lambda sl, s=sign: (grid.coords(sl)[0] * s > 0.07 * anat.sx))
-    heart_lut = _lut(["mediastinum", "lung_right", "lung_left"])
+    mediastinal_lut = _lut(["mediastinum", "lung_right", "lung_left"])
     heart = anat.heart.scaled(chest.heart_scale) if chest is not None else anat.heart
-    _paint_blob(tissue, grid, heart, "heart_wall", heart_lut)
+    _paint_blob(tissue, grid, heart, "heart_wall", mediastinal_lut)
     _paint_blob(tissue, grid, heart.scaled(anat.blood_fraction), "heart_blood", _lut(["heart_wall"]))
     trachea = _tube(grid, lambda zz: np.full_like(zz, 0.01), lambda zz: spine_y(zz) + vry + 0.11,
                     0.035, 0.035, anat.dome_right + 0.55, 2.0)
     if trachea is not None:
-        _paint(tissue, trachea[0], trachea[1], "airway", heart_lut)
+        _paint(tissue, trachea[0], trachea[1], "airway", mediastinal_lut)
     amp, phase = anat.aorta_wave
     aorta = _tube(grid, lambda zz: anat.aorta_x + amp * np.sin(2.0 * zz + phase),
                   lambda zz: spine_y(zz) + (anat.aorta_y - yv), anat.aorta_r, anat.aorta_r, -0.8, 0.8)
@@ -711,7 +717,7 @@ def _render(anat: _Anatomy, grid: _Grid, rng: np.random.Generator, chest: _Chest
     for lobe in anat.liver:
         _paint_blob(tissue, grid, lobe, "liver", abdomen_lut)
     _paint_blob(tissue, grid, anat.spleen, "spleen", abdomen_lut)
-    _paint_blob(tissue, grid, anat.stomach.scaled(1.2), "visceral_fat", abdomen_lut)  # a fat plane around it
+    _paint_blob(tissue, grid, anat.stomach.scaled(1.35), "visceral_fat", abdomen_lut)  # a fat plane around it
     _paint_blob(tissue, grid, anat.stomach, "stomach_wall", abdomen_lut)
     content = anat.stomach.scaled(0.8)
     found = _blob_mask(grid, content)
@@ -965,8 +971,9 @@ def _write_report(f: CxrFindings, rng: np.random.Generator) -> dict[str, str]:
                                      "Normal heart size.")))
     if "nodule" in d:
         n = d["nodule"]
-        sentences.append(_pick(rng, (f"A {n['size_mm']} mm nodule is seen in the {n['side']} {n['zone']} lung zone.",
-                                     f"There is a {n['size_mm']} mm {n['side']} {n['zone']} zone pulmonary nodule.",
+        article = "An" if str(n["size_mm"]).startswith("8") or n["size_mm"] in (11, 18) else "A"
+        sentences.append(_pick(rng, (f"{article} {n['size_mm']} mm nodule is seen in the {n['side']} {n['zone']} lung zone.",
+                                     f"There is {article.lower()} {n['size_mm']} mm {n['side']} {n['zone']} zone pulmonary nodule.",
                                      f"{n['side'].capitalize()} {n['zone']} zone nodular opacity measuring {n['size_mm']} mm.")))
         sentences.append("The lungs are otherwise clear.")
         impressions.append(_pick(rng, (f"{n['side'].capitalize()} pulmonary nodule; CT is recommended for further characterization.",
@@ -1004,6 +1011,26 @@ def _write_report(f: CxrFindings, rng: np.random.Generator) -> dict[str, str]:
     else:
         impression = " ".join(impressions)
     return {"findings": " ".join(sentences), "impression": impression}
+
+
+def check_report_pairing(reports: Entry, radiographs: Entry) -> None:
+    """Refuse a ``reports`` entry that would not describe the ``radiograph2d`` entry it pairs with.
+
+    Pairing is by case id and the findings come from ``(seed, case index)`` and the finding
+    probabilities, so those must agree and the id prefixes must match; otherwise every report
+    would silently describe another image. Call it when an entry's ``pairs`` links the two.
+    """
+    rep, rad = resolve_synthetic_params(reports), resolve_synthetic_params(radiographs)
+    if rep.generator != "reports" or rad.generator != "radiograph2d":
+        raise CatalogError("pairing check needs a 'reports' and a 'radiograph2d' entry", entry=reports.name,
+                           field="source.generator", hint="pair reports with a radiograph2d entry")
+    for name, a, b in (("seed", rep.seed, rad.seed),
+                       ("options.id_prefix", rep.options["id_prefix"], rad.options["id_prefix"]),
+                       ("options.finding_probabilities", rep.options["finding_probabilities"],
+                        rad.options["finding_probabilities"])):
+        if a != b:
+            raise CatalogError(f"{a!r} differs from {b!r} in '{radiographs.name}'", entry=reports.name,
+                               field=f"source.{name}", hint=f"use the same {name} as '{radiographs.name}'")
 
 
 def _build_report(params: SyntheticParams, index: int, case_id: str) -> RawCase:
@@ -1111,7 +1138,7 @@ _CXR_OPTIONS: dict[str, tuple[Any, Validator]] = {
 
 _GENERATORS: dict[str, _Generator] = {
     "phantom3d": _Generator(
-        build=_build_phantom, default_shape=(64, 64, 64), min_size=16, max_size=512, uses_structures=True,
+        build=_build_phantom, dims=3, default_shape=(64, 64, 64), min_size=16, max_size=512, uses_structures=True,
         options={
             "id_prefix": ("phantom", _id_prefix),
             "spacing": (None, _spacing(3)),
@@ -1121,12 +1148,12 @@ _GENERATORS: dict[str, _Generator] = {
         },
     ),
     "radiograph2d": _Generator(
-        build=_build_radiograph, default_shape=(128, 128), min_size=32, max_size=1024,
+        build=_build_radiograph, dims=2, default_shape=(128, 128), min_size=32, max_size=1024,
         options={**_CXR_OPTIONS, "spacing": (None, _spacing(2)), "noise": (0.015, _float_in(0.0, 0.5))},
     ),
-    "reports": _Generator(build=_build_report, default_shape=None, min_size=0, max_size=0, options=dict(_CXR_OPTIONS)),
+    "reports": _Generator(build=_build_report, dims=0, default_shape=None, min_size=0, max_size=0, options=dict(_CXR_OPTIONS)),
     "pathology_pairs": _Generator(
-        build=_build_pathology, default_shape=None, min_size=0, max_size=0,
+        build=_build_pathology, dims=0, default_shape=None, min_size=0, max_size=0,
         options={
             "id_prefix": ("path", _id_prefix),
             "n_subtypes": (4, _int_in(2, 26)),

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from infra.checkpoint import latest_checkpoint, load_checkpoint, unwrap_module
+from infra.checkpoint import latest_checkpoint, unwrap_module
 from infra.runtime import device_and_precision, report, seed_everything, set_threads, world_info
 from models.mit import MiT, MiTConfig
 from models.segmentation import MiTSegmenter, SegmentationLoss
@@ -30,13 +30,12 @@ def build_segmenter(model_size: str, num_classes: int) -> MiTSegmenter:
 
 
 def load_pretrained_backbone(model: MiTSegmenter, checkpoint_path: str) -> int:
-    """Copy the UniMiSS student's backbone weights into ``model``; returns how many tensors matched."""
-    student = load_checkpoint(checkpoint_path)["state"]["student"]
-    backbone = {k.removeprefix("backbone."): v for k, v in student.items() if k.startswith("backbone.")}
-    missing, unexpected = model.backbone.load_state_dict(backbone, strict=False)
-    if unexpected or len(missing) == len(backbone):
-        raise RuntimeError(f"pre-trained backbone does not fit: {len(missing)} missing, {len(unexpected)} unexpected keys")
-    return len(backbone) - len(missing)
+    """Copy the UniMiSS student's backbone weights into ``model`` (strict: every tensor must fit)."""
+    from tasks.recipes.unimiss import pretrained_backbone_state
+
+    backbone = pretrained_backbone_state(checkpoint_path)
+    model.backbone.load_state_dict(backbone, strict=True)
+    return len(backbone)
 
 
 def train_segmentation(config: dict[str, Any]) -> None:

@@ -77,7 +77,9 @@ def test_all_and_only_dimension_specific_parameters_are_named_2d_or_3d() -> None
     for module_name, module in model.named_modules():
         if isinstance(module, DIMENSION_SPECIFIC_MODULES):
             dimension_specific |= {f"{module_name}.{name}" for name, _ in module.named_parameters()}
-    dimension_specific |= {name for name, _ in model.named_parameters() if name.endswith(("pos_embed2D", "pos_embed3D"))}
+    dimension_specific |= {
+        name for name, _ in model.named_parameters() if name.endswith(("pos_embed2D", "pos_embed3D"))
+    }
     named = {name for name, _ in model.named_parameters() if "2D" in name or "3D" in name}
     assert named == dimension_specific
     names_2d = set(dimension_specific_parameter_names(model, "2D"))

@@ -204,7 +204,9 @@ def test_3d_loss_is_the_sum_of_the_four_terms_with_sequential_centre_updates() -
     reference = copy.deepcopy(criterion)
     s_vol, t_vol, s_sl, t_sl = (torch.randn(6, OUT_DIM) for _ in range(4))
     total, terms = unimiss_3d_loss(criterion, s_vol, t_vol, s_sl, t_sl, epoch=0)
-    expected = [reference(s_vol, t_vol, 0), reference(s_sl, t_vol, 0), reference(s_sl, t_sl, 0), reference(s_vol, t_sl, 0)]
+    expected = [
+        reference(s_vol, t_vol, 0), reference(s_sl, t_vol, 0), reference(s_sl, t_sl, 0), reference(s_vol, t_sl, 0)
+    ]
     assert list(terms) == ["vol_vol", "sl_vol", "sl_sl", "vol_sl"]
     torch.testing.assert_close(torch.stack(list(terms.values())), torch.stack(expected))
     torch.testing.assert_close(total, sum(expected))

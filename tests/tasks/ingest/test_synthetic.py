@@ -8,6 +8,7 @@ from each modality, survival differing across subtypes). Pure numpy/scipy, a few
 
 from __future__ import annotations
 
+import pickle
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from tasks.ingest import synthetic
 from tasks.ingest.synthetic import (
     CXR_FINDINGS,
     PHANTOM_STRUCTURES,
+    check_report_pairing,
     list_synthetic_cases,
     pathology_gene_names,
     sample_cxr_findings,
@@ -31,10 +33,10 @@ _DIMS = {"phantom3d": 3, "radiograph2d": 2, "reports": 0, "pathology_pairs": 0}
 
 
 def make_entry(generator: str, *, name: str = "synthetic-test", task: str = "ssl", labels: Any = None,
-               **source: Any) -> Entry:
+               dims: int | None = None, **source: Any) -> Entry:
     """A catalog entry with a synthetic source, validated by the real schema."""
     raw: dict[str, Any] = {
-        "name": name, "modality": _MODALITY[generator], "dims": _DIMS[generator], "task": task,
+        "name": name, "modality": _MODALITY[generator], "dims": _DIMS[generator] if dims is None else dims, "task": task,
         "license": "CC0-1.0", "source": {"kind": "synthetic", "generator": generator, **source},
     }
     if labels is not None:
@@ -104,6 +106,19 @@ def test_bad_parameters_name_the_field(source: dict[str, Any], field: str) -> No
     with pytest.raises(CatalogError) as err:
         list_synthetic_cases(make_entry(generator, **source))
     assert err.value.field == field and err.value.entry == "synthetic-test"
+
+
+def test_entry_dims_must_match_the_generator() -> None:
+    with pytest.raises(CatalogError) as err:
+        list_synthetic_cases(make_entry("phantom3d", dims=2))
+    assert err.value.field == "dims" and "dims: 3" in str(err.value)
+
+
+def test_loads_survive_pickling() -> None:
+    """Workers (Ray, multiprocessing) receive the refs' load callables by pickle."""
+    ref = list_synthetic_cases(make_entry("pathology_pairs", n_cases=2))[1]
+    clone = pickle.loads(pickle.dumps(ref.load))
+    assert clone().arrays["expression"].tobytes() == ref.load().arrays["expression"].tobytes()
 
 
 def test_segmentation_labels_must_match_structures() -> None:
@@ -245,6 +260,18 @@ def test_reports_pair_with_radiographs_by_id_and_findings() -> None:
     assert seen == {"normal", *CXR_FINDINGS}
     again = load_all("reports", seed=7, n_cases=3)
     assert [r.meta["text"] for r in again] == [r.meta["text"] for r in reports[:3]]
+
+
+def test_report_pairing_check() -> None:
+    radiographs = make_entry("radiograph2d", name="cxr-images", seed=3)
+    check_report_pairing(make_entry("reports", name="cxr-reports", seed=3, n_cases=4), radiographs)
+    with pytest.raises(CatalogError) as err:
+        check_report_pairing(make_entry("reports", name="cxr-reports", seed=4), radiographs)
+    assert err.value.field == "source.seed"
+    with pytest.raises(CatalogError) as err:
+        check_report_pairing(make_entry("reports", name="cxr-reports", seed=3,
+                                        options={"finding_probabilities": {"nodule": 0.5}}), radiographs)
+    assert err.value.field == "source.options.finding_probabilities"
 
 
 def test_findings_stream_is_shared_and_independent_of_rendering() -> None:
