@@ -123,7 +123,7 @@ def build_formats(vols: list[np.ndarray], out: Path, args: argparse.Namespace) -
             label = f"{label} via {via}"
         return Fmt(label, write if via == "ours" else (lambda: None), reader, root)
 
-    default_label = f"store ({DEFAULT_CODEC.cname}/{DEFAULT_CODEC.shuffle}, {DEFAULT_CHUNK_EDGES[3]}^3 in 1 shard)"
+    default_label = f"store ({DEFAULT_CODEC.cname}{DEFAULT_CODEC.clevel}/{DEFAULT_CODEC.shuffle}, {DEFAULT_CHUNK_EDGES[3]}^3)"
     fmts.append(store_fmt(default_label, "store", DEFAULT_CODEC, DEFAULT_CHUNK_EDGES[3]))
 
     def b2_write() -> None:
@@ -156,7 +156,8 @@ def build_formats(vols: list[np.ndarray], out: Path, args: argparse.Namespace) -
         for via in ("zarr-python", "tensorstore"):
             fmts.append(store_fmt(default_label, "store", DEFAULT_CODEC, DEFAULT_CHUNK_EDGES[3], via=via))
         for edge in (16, 24, 32):
-            for codec in (BloscSpec("lz4", 5, "bitshuffle"), BloscSpec("zstd", 1, "bitshuffle"), BloscSpec("lz4", 5, "shuffle"), BloscSpec("zstd", 5, "shuffle")):
+            for codec in (DEFAULT_CODEC, BloscSpec("lz4", 5, "bitshuffle"), BloscSpec("zstd", 1, "bitshuffle"),
+                          BloscSpec("lz4", 5, "shuffle"), BloscSpec("zstd", 5, "shuffle")):
                 if edge == DEFAULT_CHUNK_EDGES[3] and codec == DEFAULT_CODEC:
                     continue
                 sub = f"sweep-{edge}-{codec.cname}{codec.clevel}-{codec.shuffle}"

@@ -25,7 +25,7 @@ written and the manifest itself is fsynced, so a committed version also survives
 One writer per (dataset, version) at a time.
 
 Arrays. Each case array is one shard (``sharding_indexed``, index at the end with crc32c)
-holding inner chunks compressed with blosc (``lz4``, ``bitshuffle``). Axes of size <= 8 are
+holding inner chunks compressed with blosc (``lz4hc`` level 1, ``bitshuffle``). Axes of size <= 8 are
 treated as channels and kept whole in a chunk; spatial axes get an edge of 24 (3D), 128 (2D),
 16384 (1D) or 12 (>= 4 spatial axes). Arrays larger than ``max_shard_bytes`` are split into
 several shards. All-zero inner chunks are not stored (the zarr fill value is 0), which keeps
@@ -132,8 +132,8 @@ def check_name(value: str, what: str = "name") -> str:
 class BloscSpec:
     """The blosc codec of inner chunks (zarr v3 ``blosc`` codec)."""
 
-    cname: str = "lz4"
-    clevel: int = 5
+    cname: str = "lz4hc"
+    clevel: int = 1
     shuffle: str = "bitshuffle"
 
     def __post_init__(self) -> None:

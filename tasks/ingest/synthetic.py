@@ -67,9 +67,11 @@ CXR_CLASSES: tuple[str, ...] = ("normal", *CXR_FINDINGS)
 """Class names of ``meta['multi_hot']`` and ``meta['label']`` (``normal`` when no finding)."""
 
 DEFAULT_FINDING_PROBABILITIES: dict[str, float] = {
-    "cardiomegaly": 0.25, "pleural_effusion": 0.2, "nodule": 0.2, "pneumothorax": 0.1,
+    "cardiomegaly": 0.25, "pleural_effusion": 0.2, "nodule": 0.2, "pneumothorax": 0.0,
 }
-"""Independent per-case probabilities of each finding (about 43% of cases are normal)."""
+"""Independent per-case probabilities of each finding (48% of cases are normal). Pneumothorax
+is opt-in (``options: {finding_probabilities: {pneumothorax: 0.1}}``) so that a class list
+without it stays complete."""
 
 _FINDINGS_STREAM = 1
 _REPORT_TEXT_STREAM = 2
@@ -236,7 +238,22 @@ def resolve_synthetic_params(entry: Entry) -> SyntheticParams:
         except ValueError as exc:
             raise CatalogError(str(exc), entry=entry.name, field=f"source.options.{name}",
                                hint=f"default: {default!r}") from None
+    if "finding_probabilities" in options:
+        _check_class_names(entry, options["finding_probabilities"])
     return SyntheticParams(source.generator, source.seed, source.n_cases, shape, structures, options)
+
+
+def _check_class_names(entry: Entry, probabilities: dict[str, float]) -> None:
+    """A radiograph entry's ``labels`` must hold every class ``meta['label']`` can take, or
+    training would meet a class it cannot index."""
+    if entry.labels is None:
+        return
+    possible = ["normal", *(name for name in CXR_FINDINGS if probabilities[name] > 0)]
+    missing = [name for name in possible if name not in entry.labels]
+    if missing:
+        raise CatalogError(f"labels lack {missing}, which this generator produces", entry=entry.name, field="labels",
+                           hint=f"add them to labels, or set source.options.finding_probabilities: "
+                                f"{{{', '.join(f'{m}: 0' for m in missing if m != 'normal')}}}")
 
 
 def _check_label_names(entry: Entry, structures: tuple[str, ...]) -> None:

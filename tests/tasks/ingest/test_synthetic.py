@@ -121,6 +121,17 @@ def test_loads_survive_pickling() -> None:
     assert clone().arrays["expression"].tobytes() == ref.load().arrays["expression"].tobytes()
 
 
+def test_classification_labels_must_cover_the_findings() -> None:
+    classes = ["normal", "cardiomegaly", "nodule", "pleural_effusion"]
+    ok = make_entry("radiograph2d", task="classification", labels=classes)
+    assert len(list_synthetic_cases(ok)) == 8
+    with_pneumothorax = make_entry("radiograph2d", task="classification", labels=classes,
+                                   options={"finding_probabilities": {"pneumothorax": 0.1}})
+    with pytest.raises(CatalogError, match="pneumothorax: 0") as err:
+        list_synthetic_cases(with_pneumothorax)
+    assert err.value.field == "labels"
+
+
 def test_segmentation_labels_must_match_structures() -> None:
     good = make_entry("phantom3d", task="segmentation", structures=["spleen", "liver"],
                       labels={"background": 0, "spleen": 1, "liver": 2})
@@ -234,8 +245,9 @@ def test_radiograph_arrays_meta_and_determinism() -> None:
 
 
 def test_reports_pair_with_radiographs_by_id_and_findings() -> None:
-    radiographs = list_synthetic_cases(make_entry("radiograph2d", seed=7, n_cases=24, shape=[32, 32]))
-    reports = load_all("reports", seed=7, n_cases=24)
+    options = {"finding_probabilities": {"pneumothorax": 0.15}}
+    radiographs = list_synthetic_cases(make_entry("radiograph2d", seed=7, n_cases=24, shape=[32, 32], options=options))
+    reports = load_all("reports", seed=7, n_cases=24, options=options)
     assert [r.case_id for r in radiographs] == [r.case_id for r in reports]
     seen: set[str] = set()
     for ref, report in zip(radiographs, reports):
@@ -258,7 +270,7 @@ def test_reports_pair_with_radiographs_by_id_and_findings() -> None:
             assert "effusion or pneumothorax" in body
         seen.update(report.meta["labels"])
     assert seen == {"normal", *CXR_FINDINGS}
-    again = load_all("reports", seed=7, n_cases=3)
+    again = load_all("reports", seed=7, n_cases=3, options=options)
     assert [r.meta["text"] for r in again] == [r.meta["text"] for r in reports[:3]]
 
 
@@ -282,7 +294,7 @@ def test_findings_stream_is_shared_and_independent_of_rendering() -> None:
     for name in ("nodule", "pleural_effusion", "pneumothorax"):
         assert (name in forced.findings) == (name in a.findings)
     rates = np.mean([[f in sample_cxr_findings(0, i).findings for f in CXR_FINDINGS] for i in range(400)], axis=0)
-    assert np.allclose(rates, [0.25, 0.2, 0.2, 0.1], atol=0.06)
+    assert np.allclose(rates, [0.25, 0.2, 0.2, 0.0], atol=0.06)
 
 
 def test_cardiomegaly_widens_the_heart_shadow() -> None:
