@@ -629,6 +629,7 @@ class _FastArray:
             strides[d] = strides[d + 1] * self.per_shard[d + 1]
         self.strides = strides
         self.n_shards = math.prod(math.ceil(n / s) for n, s in zip(self.shape, self.shards))
+        self._first = fs.join(path, "c", *["0"] * len(self.shape))
 
     def _shard(self, skey: tuple[int, ...]) -> _Shard | None:
         return self.handles.get(self.fs.join(self.path, "c", *map(str, skey)), self.n_inner)
@@ -648,7 +649,7 @@ class _FastArray:
             combos = [(sk + (e0,), lin + e1, src + (e2,), dst + (e3,)) for sk, lin, src, dst in combos for e0, e1, e2, e3 in entries]
         cache, chunks, dtype, local = self.cache, self.chunks, self.dtype, self.fs.local
         single = self.n_shards == 1
-        shard = self._shard((0,) * len(chunks)) if single else None
+        shard = self.handles.get(self._first, self.n_inner) if single else None
         scratch = None
         pending = []
         for sk, lin, src, dst in combos:
@@ -994,10 +995,9 @@ class VersionWriter:
                 )
         else:
             self._fs.write_atomic(plan_path, _dumps(self.plan))
-            self._fs.write_atomic(
-                self._fs.join(self.path, "zarr.json"),
-                _group_json({"medfoundry": {"format": FORMAT, "dataset": self.dataset, "version": self.version}}),
-            )
+        group = self._fs.join(self.path, "zarr.json")
+        if not self._fs.exists(group):
+            self._fs.write_atomic(group, _group_json({"medfoundry": {"format": FORMAT, "dataset": self.dataset, "version": self.version}}))
         self._cases = self._recover()
 
     # -- state

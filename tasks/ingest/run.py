@@ -148,9 +148,10 @@ def ingest_entry(entry: Entry, base_dir: Path, settings: Settings, profile: str 
     _fault_point("before_commit")
     info = writer.commit(attrs)
     seconds = time.perf_counter() - started
-    log.info("%s: committed version %s: %d cases, %d quarantined, %.1f s", entry.name, plan.version[:12], info.n_cases,
+    log.info("%s: committed version %s: %d cases, %d quarantined, %.1f s", entry.name, plan.version[:12], good,
              info.n_quarantined, seconds)
-    return {**summary, "status": "written", "n_cases": info.n_cases, "n_quarantined": info.n_quarantined,
+    n_cases = info.n_cases if entry.dims else len(records) + len(done)
+    return {**summary, "status": "written", "n_cases": n_cases, "n_quarantined": info.n_quarantined,
             "seconds": seconds, "mb_written": bytes_written / 1e6, "uri": info.uri, "fingerprint": fingerprint}
 
 
