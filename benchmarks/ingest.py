@@ -126,20 +126,25 @@ def build_formats(vols: list[np.ndarray], out: Path, args: argparse.Namespace) -
     default_label = f"store ({DEFAULT_CODEC.cname}{DEFAULT_CODEC.clevel}/{DEFAULT_CODEC.shuffle}, {DEFAULT_CHUNK_EDGES[3]}^3)"
     fmts.append(store_fmt(default_label, "store", DEFAULT_CODEC, DEFAULT_CHUNK_EDGES[3]))
 
-    def b2_write() -> None:
-        blosc2.set_nthreads(1)
-        (out / "b2nd").mkdir()
-        for cid, v in zip(ids, vols):
-            blosc2.asarray(
-                np.ascontiguousarray(v), urlpath=str(out / "b2nd" / f"{cid}.b2nd"), chunks=(48, 48, 48), blocks=(16, 16, 16),
-                cparams={"codec": blosc2.Codec.ZSTD, "clevel": 8}, mmap_mode="w+",
-            )
+    def b2_fmt(label: str, sub: str, codec: "blosc2.Codec", clevel: int) -> Fmt:
+        """nnU-Net v2's save_case / load_case: one thread, 48^3 chunks, 16^3 blocks, mmap."""
 
-    def b2_reader(warm: bool):
-        arrays = [blosc2.open(str(out / "b2nd" / f"{cid}.b2nd"), mode="r", mmap_mode="r", dparams={"nthreads": 1}) for cid in ids]
-        return lambda i, start, size: arrays[i][tuple(slice(s, s + n) for s, n in zip(start, size))]
+        def write() -> None:
+            blosc2.set_nthreads(1)
+            (out / sub).mkdir()
+            for cid, v in zip(ids, vols):
+                blosc2.asarray(
+                    np.ascontiguousarray(v), urlpath=str(out / sub / f"{cid}.b2nd"), chunks=(48, 48, 48), blocks=(16, 16, 16),
+                    cparams={"codec": codec, "clevel": clevel}, mmap_mode="w+",
+                )
 
-    fmts.append(Fmt("nnU-Net v2 .b2nd (blosc2)", b2_write, b2_reader, out / "b2nd"))
+        def reader(warm: bool):
+            arrays = [blosc2.open(str(out / sub / f"{cid}.b2nd"), mode="r", mmap_mode="r", dparams={"nthreads": 1}) for cid in ids]
+            return lambda i, start, size: arrays[i][tuple(slice(s, s + n) for s, n in zip(start, size))]
+
+        return Fmt(label, write, reader, out / sub)
+
+    fmts.append(b2_fmt("nnU-Net v2 .b2nd (blosc2 zstd8)", "b2nd", blosc2.Codec.ZSTD, 8))
 
     def npy_write() -> None:
         (out / "npy").mkdir()
@@ -153,6 +158,7 @@ def build_formats(vols: list[np.ndarray], out: Path, args: argparse.Namespace) -
     fmts.append(Fmt(".npy (memory-mapped)", npy_write, npy_reader, out / "npy"))
 
     if args.sweep:
+        fmts.append(b2_fmt(".b2nd with lz4 (blosc2's fastest)", "b2nd-lz4", blosc2.Codec.LZ4, 5))
         for via in ("zarr-python", "tensorstore"):
             fmts.append(store_fmt(default_label, "store", DEFAULT_CODEC, DEFAULT_CHUNK_EDGES[3], via=via))
         for edge in (16, 24, 32):
@@ -218,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def report(fmts: list[Fmt], raw: int, args: argparse.Namespace) -> None:
-    b2 = next(f for f in fmts if f.name.startswith("nnU-Net"))
+    b2 = next(f for f in fmts if f.name.startswith("nnU-Net"))  # the nnU-Net default, zstd clevel 8
     nii = next(f for f in fmts if f.name.startswith(".nii"))
     b2_cold, b2_warm, nii_cold = max(b2.cold), max(b2.warm), max(nii.cold)
     print(f"{args.n} float32 volumes of {args.size}^3 ({raw / 1e6:.1f} MB raw), random {args.patch}^3 patches, "

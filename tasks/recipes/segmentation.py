@@ -5,7 +5,9 @@ freshly initialised one (``init_checkpoint: None``, the from-scratch baseline) g
 segmentation head and is fine-tuned with Dice + CE on random patches with nnU-Net-style
 foreground oversampling (1/3 of patches centred on a labelled voxel). Optimiser as in the
 UniMiSS downstream BCV setting (AdamW), with the learning rate from the profile because the
-CPU budgets are orders of magnitude smaller than the paper's.
+CPU budgets are orders of magnitude smaller than the paper's. The switchable patch embedding's
+copies for the other dimensionality get no gradient on this task, so they are frozen (DDP
+then needs no unused-parameter search).
 """
 
 from __future__ import annotations
@@ -46,10 +48,14 @@ def train_segmentation(config: dict[str, Any]) -> None:
     model = build_segmenter(config["model_size"], int(config["num_classes"]))
     if config.get("init_checkpoint"):
         load_pretrained_backbone(model, config["init_checkpoint"])
+    unused = "2D" if len(config["patch"]) == 3 else "3D"
+    for name, param in model.named_parameters():
+        if unused in name:
+            param.requires_grad_(False)
     model.to(device)
     loss_fn = SegmentationLoss()
     cases = load_shard(config["store"], config["dataset"], config.get("version"), config["train_ids"], rank, world, with_labels=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(config["lr"]), weight_decay=float(config.get("weight_decay", 1e-4)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(config["lr"]), weight_decay=float(config.get("weight_decay", 1e-4)))
     total = int(config["epochs"]) * int(config["steps_per_epoch"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - min(it, total - 1) / total) ** 0.9)
     start_epoch, step = 0, 0
