@@ -126,7 +126,7 @@ def build_formats(vols: list[np.ndarray], out: Path, args: argparse.Namespace) -
     default_label = f"store ({DEFAULT_CODEC.cname}{DEFAULT_CODEC.clevel}/{DEFAULT_CODEC.shuffle}, {DEFAULT_CHUNK_EDGES[3]}^3)"
     fmts.append(store_fmt(default_label, "store", DEFAULT_CODEC, DEFAULT_CHUNK_EDGES[3]))
 
-    def b2_fmt(label: str, sub: str, codec: "blosc2.Codec", clevel: int) -> Fmt:
+    def b2_fmt(label: str, sub: str, codec: "blosc2.Codec", clevel: int, bitshuffle: bool = False) -> Fmt:
         """nnU-Net v2's save_case / load_case: one thread, 48^3 chunks, 16^3 blocks, mmap."""
 
         def write() -> None:
@@ -135,7 +135,8 @@ def build_formats(vols: list[np.ndarray], out: Path, args: argparse.Namespace) -
             for cid, v in zip(ids, vols):
                 blosc2.asarray(
                     np.ascontiguousarray(v), urlpath=str(out / sub / f"{cid}.b2nd"), chunks=(48, 48, 48), blocks=(16, 16, 16),
-                    cparams={"codec": codec, "clevel": clevel}, mmap_mode="w+",
+                    cparams={"codec": codec, "clevel": clevel, **({"filters": [blosc2.Filter.BITSHUFFLE]} if bitshuffle else {})},
+                    mmap_mode="w+",
                 )
 
         def reader(warm: bool):
@@ -158,7 +159,8 @@ def build_formats(vols: list[np.ndarray], out: Path, args: argparse.Namespace) -
     fmts.append(Fmt(".npy (memory-mapped)", npy_write, npy_reader, out / "npy"))
 
     if args.sweep:
-        fmts.append(b2_fmt(".b2nd with lz4 (blosc2's fastest)", "b2nd-lz4", blosc2.Codec.LZ4, 5))
+        fmts.append(b2_fmt(".b2nd, lz4 (blosc2's fastest)", "b2nd-lz4", blosc2.Codec.LZ4, 5))
+        fmts.append(b2_fmt(".b2nd, lz4hc1/bitshuffle (our codec)", "b2nd-ours", blosc2.Codec.LZ4HC, 1, bitshuffle=True))
         for via in ("zarr-python", "tensorstore"):
             fmts.append(store_fmt(default_label, "store", DEFAULT_CODEC, DEFAULT_CHUNK_EDGES[3], via=via))
         for edge in (16, 24, 32):

@@ -24,7 +24,7 @@ app.add_typer(catalog_app, name="catalog")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 PROFILES = ("smoke", "demo", "full")
 CatalogOption = typer.Option(None, "--catalog", "-c", help="Catalog file (default: $MEDFOUNDRY_CATALOG or ./catalog.yaml).")

@@ -19,7 +19,8 @@ from tasks.train import evaluate_classification, finetune_segmentation, pretrain
 
 def needed_datasets(profile: str) -> list[str]:
     p = unimiss_profile(profile)
-    return [p.pretrain.dataset_3d, *p.pretrain.datasets_2d, p.segmentation.dataset, p.classification.dataset]
+    names = [p.pretrain.dataset_3d, *p.pretrain.datasets_2d, p.segmentation.dataset, p.classification.dataset]
+    return list(dict.fromkeys(names))
 
 
 @flow(name="unimiss", log_prints=True)

@@ -40,6 +40,7 @@ from models.unimiss import (UniMiSSConfig, UniMiSSStudentTeacher, apply_schedule
 from tasks.recipes.data import load_shard, random_crop
 
 METHOD = "unimiss"
+STEP_DELAY_ENV = "MEDFOUNDRY_FAULT_STEP_DELAY"  # test hook: seconds to sleep after each step (kill tests)
 
 
 def build_hyper(model_size: str, overrides: dict[str, Any], epochs: int) -> UniMiSSConfig:
@@ -97,10 +98,12 @@ def train_unimiss(config: dict[str, Any]) -> None:
         model = prepare_model(net, move_to_device=False,
                               parallel_strategy_kwargs={"find_unused_parameters": True, "broadcast_buffers": False})
     tracker = _RankZeroTracker(config.get("mlflow_run_id")) if is_rank_zero() else None
+    if tracker and state is not None:
+        tracker.log({"resumed_from_step": float(step)}, step)
+    step_delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     gen = torch.Generator().manual_seed(int(config["seed"]) * 1000 + rank * 100 + start_epoch)
     rng = np.random.default_rng([int(config["seed"]), rank, start_epoch])
     view_3d = tuple(config["view_3d"])
-    crop_3d = (view_3d[0], int(math.ceil(view_3d[1] * 1.25)), int(math.ceil(view_3d[2] * 1.25)))
     fail_at = config.get("fail_at_step")
 
     for epoch in range(start_epoch, epochs):
@@ -110,14 +113,7 @@ def train_unimiss(config: dict[str, Any]) -> None:
         model.train()
         for _ in range(steps_per_epoch):
             apply_schedule_values(optimizer, float(lr_schedule[step]), float(wd_schedule[step]))
-            if is_3d:
-                crops = [torch.from_numpy(np.ascontiguousarray(random_crop(volumes[rng.integers(len(volumes))], crop_3d, rng)[0],
-                                                               dtype=np.float32))[None] for _ in range(config["batch_size"])]
-                views = [torch.stack([volume_view(c, view_3d, gen, strong=(v == 0)) for c in crops]).to(device) for v in range(2)]
-            else:
-                picks = [torch.from_numpy(_as_chw(images[rng.integers(len(images))])) for _ in range(config["batch_size"])]
-                views = [torch.stack([image_view(t, config["view_2d"], gen, strong=(v == 0)) for t in picks]).to(device)
-                         for v in range(2)]
+            views = make_views(is_3d, volumes, images, int(config["batch_size"]), view_3d, int(config["view_2d"]), rng, gen, device)
             with autocast():
                 loss = model(views, epoch)
             if not torch.isfinite(loss):
@@ -135,6 +131,8 @@ def train_unimiss(config: dict[str, Any]) -> None:
                              "lr": float(lr_schedule[step - 1]), "teacher_momentum": float(momentum_schedule[step - 1])}, step)
             if fail_at is not None and step == int(fail_at) and rank == world - 1:
                 _inject_failure(config, step)
+            if step_delay:
+                time.sleep(step_delay)
         metrics = {"loss": float(np.mean(epoch_losses)), "epoch_dims": 3 if is_3d else 2,
                    "steps_per_s": steps_per_epoch / (time.perf_counter() - started)}
         if tracker:
@@ -142,6 +140,23 @@ def train_unimiss(config: dict[str, Any]) -> None:
             tracker.flush()
         set_3d_trainable(net.student, True)
         report(metrics, {"network": net, "optimizer": optimizer}, step=step, epoch=epoch, method=METHOD, config=config)
+
+
+def make_views(is_3d: bool, volumes: list[np.ndarray], images: list[np.ndarray], batch_size: int,
+               view_3d: tuple[int, int, int], view_2d: int, rng: np.random.Generator, gen: torch.Generator,
+               device: torch.device) -> list[torch.Tensor]:
+    """One step's two global views (strong first) of ``batch_size`` random samples, on ``device``.
+
+    3D: random crops of ``volumes`` 1.25x the view in-plane (the views re-crop 0.8-1.2x of
+    that); 2D: whole ``images``. Samples are drawn with ``rng``, augmentations with ``gen``.
+    """
+    if is_3d:
+        crop_3d = (view_3d[0], int(math.ceil(view_3d[1] * 1.25)), int(math.ceil(view_3d[2] * 1.25)))
+        crops = [torch.from_numpy(np.ascontiguousarray(random_crop(volumes[rng.integers(len(volumes))], crop_3d, rng)[0],
+                                                       dtype=np.float32))[None] for _ in range(batch_size)]
+        return [torch.stack([volume_view(c, view_3d, gen, strong=(v == 0)) for c in crops]).to(device) for v in range(2)]
+    picks = [torch.from_numpy(_as_chw(images[rng.integers(len(images))])) for _ in range(batch_size)]
+    return [torch.stack([image_view(t, view_2d, gen, strong=(v == 0)) for t in picks]).to(device) for v in range(2)]
 
 
 def _as_chw(image: np.ndarray) -> np.ndarray:
