@@ -183,6 +183,23 @@ def models_promote(name: str, version: str, force: bool = typer.Option(False, he
     print(json.dumps(decision if isinstance(decision, dict) else decision.__dict__, indent=2, default=str))
 
 
+@app.command("deploy")
+def deploy(names: list[str] = typer.Argument(None, help="Deployments to build: ingest, unimiss, foundation (default: all)."),
+           work_pool: str = typer.Option("medfoundry-k8s", "--work-pool", help="Prefect work pool (Kubernetes) the deployments run on."),
+           image: Optional[str] = typer.Option(None, "--image", help="Project image built from infra/deploy/Dockerfile (default: $MEDFOUNDRY_IMAGE)."),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Only build and print the deployments; contact no Prefect server.")) -> None:
+    """Register the scheduled Prefect deployments (infra/deploy/prefect.yaml's twin); one line each: name, cron, entrypoint."""
+    from pipelines.deploy import deploy as build_deployments
+
+    try:
+        specs = build_deployments(list(names or []), work_pool=work_pool, image=image, dry_run=dry_run)
+    except ValueError as exc:
+        err.print(f"[red]cannot deploy[/red]: {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    for spec in specs:
+        print("\t".join([spec["name"], spec["cron"], spec["entrypoint"], *([spec["id"]] if "id" in spec else [])]))
+
+
 @app.command("settings")
 def show_settings() -> None:
     """Print the resolved settings (no secrets are held here)."""

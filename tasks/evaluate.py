@@ -22,7 +22,8 @@ def evaluate_segmentation(model: torch.nn.Module, reader, case_ids: list[str], n
     from monai.inferers import sliding_window_inference
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
-    model.eval()
+    if model.training:  # an exported (registry-loaded) module is already in eval mode and refuses .eval()
+        model.eval()
     names = class_names or [f"class{i}" for i in range(1, num_classes)]
     per_case = []
     for case_id in case_ids:
