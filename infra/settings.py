@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     threads_per_worker: int = Field(default=1, ge=1, description="torch intra-op threads per worker.")
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
 
+    ingest_threads: int = Field(default=2, ge=1, le=64, description="Cases decoded ahead of the writer during ingest.")
     max_case_voxels: int = Field(default=512 * 1024**2, ge=1, description="Refuse cases declaring more voxels than this (decompression-bomb guard).")
     seed: int = 0
 

@@ -25,13 +25,14 @@ written and the manifest itself is fsynced, so a committed version also survives
 One writer per (dataset, version) at a time.
 
 Arrays. Each case array is one shard (``sharding_indexed``, index at the end with crc32c)
-holding inner chunks compressed with blosc (``lz4hc`` level 1, ``bitshuffle``). Axes of size <= 8 are
-treated as channels and kept whole in a chunk; spatial axes get an edge of 24 (3D), 128 (2D),
-16384 (1D) or 12 (>= 4 spatial axes). Arrays larger than ``max_shard_bytes`` are split into
-several shards. All-zero inner chunks are not stored (the zarr fill value is 0), which keeps
-label maps tiny. The writer encodes the shard itself (numcodecs blosc, no zarr-python
+holding inner chunks compressed with blosc (``lz4hc`` level 1, ``bitshuffle``). Axes of size
+<= 8 are treated as channels and kept whole in a chunk; spatial axes get an edge of 24 (3D),
+128 (2D), 16384 (1D) or 12 (>= 4 spatial axes). Arrays larger than ``max_shard_bytes`` are
+split into several shards. All-zero inner chunks are not stored (the zarr fill value is 0),
+which keeps label maps tiny. The writer encodes the shard itself (numcodecs blosc, no zarr-python
 round trip: zarr-python took ~190 ms to write one 96^3 float32 volume with 16^3 inner chunks,
-this writer ~10 ms including the sha256); tests check zarr-python reads every array back.
+``write_case`` takes ~20-25 ms including the sha256, about as long as nibabel takes to decode
+the same volume from .nii.gz, ~27 ms); tests check zarr-python reads every array back.
 
 Reading. ``read_patch`` on a local store memory-maps the shard, reads its index once (crc32c
 checked) and decodes only the inner chunks the patch touches, straight from the mapped bytes
@@ -41,17 +42,50 @@ zarr-python's per-chunk machinery. Remote stores take the same path with ranged 
 An optional LRU of decoded inner chunks, bounded in bytes (``cache_bytes``), serves training
 loops that read the same volumes over and over; open file maps are bounded in number.
 
-Measured (``python benchmarks/ingest.py``, 20 float32 96^3 volumes of smooth structure + noise,
-random 48^3 patches, one process, 2-core shared machine, page cache warm for every format;
-"cold" = fresh reader per pass and no decoded-chunk cache, "warm" = same reader, second pass,
-cache of 256 MiB; best of 3 interleaved passes)::
+Measured with ``python benchmarks/ingest.py --sweep`` (20 float32 96^3 volumes of smooth
+structure + noise, random 48^3 patches, one process, page cache warm for every format; "cold" =
+fresh reader per pass, no decoded-chunk cache; "warm" = same reader, second pass, 256 MiB cache;
+best of 3 interleaved passes; p/cpu-s = patches per CPU second of the benchmark process, which
+the other users of this shared 2-core machine (load average 4-7 during the run) disturb far
+less than wall time; ratios use p/cpu-s)::
 
-__BENCHMARK_TABLE__
+    format                              write MB/s disk MB x b2nd cold p/s warm p/s cold p/cpu-s warm p/cpu-s cold/b2nd warm/b2nd cold/nii.gz
+    .nii.gz (nibabel)                           30    60.0 1.164       37        -           37            -      0.05         -         1.0
+    store (lz4hc1/bitshuffle, 24^3)             98    50.0 0.970     1680     4042         1681         4043      2.46      5.80        45.2
+    nnU-Net v2 .b2nd (blosc2 zstd8)              8    51.5 1.000      680      697          682          698      1.00      1.00        18.3
+    .npy (memory-mapped)                       996    70.8 1.374     8785    10511         8783        10511     12.88     15.07       236.2
+    .b2nd, lz4 (blosc2's fastest)              107    54.1 1.050     3269     3504         3352         3504      4.91      5.02        90.2
+    .b2nd, lz4hc1/bitshuffle (our codec)        73    50.4 0.978     1897     2055         1942         2059      2.85      2.95        52.2
+    our store read by zarr-python                -    50.0 0.970       67       61           67           68      0.10      0.10         1.8
+    our store read by tensorstore                -    50.0 0.970      990     3793          910*        3477*     1.33      4.99        24.5
+    (* tensorstore decodes on its own threads: per CPU second understates it)
 
-Choice by measurement: the sweep (same run) over inner chunk edge x codec, cold patches/s and
-size on disk:
+Against nnU-Net v2's format as nnU-Net writes it (blosc2 zstd clevel 8), the store is 2.5x
+faster cold (2.4-3.3x over five runs), 5.8x warm, at 0.97x its size, and 45x (45-53x) the
+rate of decoding .nii.gz then cropping. Honest limits: blosc2 re-tuned to our codec decodes
+16^3 blocks in C and is 1.15x (1.15-1.5x over four runs) faster than us cold at 1% more disk
+(we are 2x faster warm); blosc2 with lz4 + byte shuffle is 2x faster cold but 8% larger than
+the store (5% larger than nnU-Net's files), and byte shuffle costs the store the same 8%
+(lz4/shuffle rows below), so the size bound rules it out. zarr-python is ~25x slower than this reader on the same files.
 
-__SWEEP_TABLE__
+Choice by measurement (same run): inner chunk edge x blosc codec, cold and warm p/cpu-s::
+
+    layout                  disk MB  x b2nd  cold  warm      layout                  disk MB  x b2nd  cold  warm
+    lz4hc1/bitshuffle 16^3     50.2   0.975  1598  2966      lz4/shuffle 24^3           54.4   1.057  2279  3861
+    lz4hc1/bitshuffle 24^3     50.0   0.970  1681  4043      zstd5/shuffle 24^3         51.9   1.008   675  3335
+    lz4hc1/bitshuffle 32^3     49.9   0.969  1245  4718      lz4/bitshuffle 32^3        50.3   0.977  1305  4420
+    lz4/bitshuffle 16^3        50.7   0.985  1596  2918      zstd1/bitshuffle 32^3      50.4   0.978  1013  4647
+    zstd1/bitshuffle 16^3      50.3   0.976  1261  2610      lz4/shuffle 32^3           54.8   1.063  2477  4717
+    lz4/shuffle 16^3           54.3   1.054  1819  2089      zstd5/shuffle 32^3         52.0   1.010   608  5380
+    zstd5/shuffle 16^3         51.9   1.007   548  2122
+    lz4/bitshuffle 24^3        50.4   0.978  1409  3535
+    zstd1/bitshuffle 24^3      50.4   0.978  1030  3738
+
+Byte shuffle + lz4 is fastest but exceeds the size bound; bitshuffle keeps 2-3% under it;
+lz4hc level 1 compresses 1% better than lz4 and decodes as fast (its encode, ~7 ms per
+volume, is still cheap); zstd decodes slower. 24^3 inner chunks balance bytes decoded per
+patch (~1.4 MB) against per-chunk overhead (26 chunks); a separate A/B of 16x24x24 chunks
+was within noise. Decoding with numcodecs instead of C-Blosc2 costs ~10% (measured).
 """
 
 from __future__ import annotations
@@ -63,6 +97,7 @@ import mmap
 import os
 import posixpath
 import re
+import shutil
 import struct
 import threading
 import uuid
@@ -239,16 +274,29 @@ class _LocalFs:
         finally:
             os.close(fd)
 
+    @staticmethod
+    def _fsync_file(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def sync_tree(self, path: str) -> None:
-        """fsync every file and folder under ``path`` (before a commit makes them visible)."""
-        for folder, _, files in os.walk(path):
-            for name in files:
-                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            self._fsync_dir(folder)
+        """fsync every file and folder under ``path`` (before a commit makes them visible).
+
+        fsync releases the GIL and mostly waits on the device, so files are synced from a
+        small thread pool (one fsync at a time cost ~4 ms each, which dominated a commit).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        files, folders = [], []
+        for folder, _, names in os.walk(path):
+            files += [os.path.join(folder, name) for name in names]
+            folders.append(folder)
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(self._fsync_file, files))
+            list(pool.map(self._fsync_dir, folders))
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
@@ -269,8 +317,6 @@ class _LocalFs:
             pass
 
     def rmtree(self, path: str) -> None:
-        import shutil
-
         if os.path.isdir(path):
             shutil.rmtree(path)
         else:
@@ -634,7 +680,7 @@ class _FastArray:
     def _shard(self, skey: tuple[int, ...]) -> _Shard | None:
         return self.handles.get(self.fs.join(self.path, "c", *map(str, skey)), self.n_inner)
 
-    def read_into(self, lo: Sequence[int], hi: Sequence[int], out: np.ndarray, out_lo: Sequence[int]) -> None:
+    def read_into(self, lo: Sequence[int], hi: Sequence[int], out: np.ndarray, out_lo: Sequence[int], use_cache: bool = True) -> None:
         """Copy ``array[lo:hi]`` into ``out[out_lo:out_lo + (hi - lo)]`` (the hot path of patch reads)."""
         # Every inner chunk the region touches: (shard key, index slot, slice in chunk, slice in out).
         combos: list[tuple[tuple[int, ...], int, tuple, tuple]] = [((), 0, (), ())]
@@ -647,7 +693,7 @@ class _FastArray:
                 s1 = h if h < a + c else a + c
                 entries.append((ci // ps, (ci % ps) * st, slice(s0 - a, s1 - a), slice(s0 + shift, s1 + shift)))
             combos = [(sk + (e0,), lin + e1, src + (e2,), dst + (e3,)) for sk, lin, src, dst in combos for e0, e1, e2, e3 in entries]
-        cache, chunks, dtype, local = self.cache, self.chunks, self.dtype, self.fs.local
+        cache, chunks, dtype, local = self.cache if use_cache else None, self.chunks, self.dtype, self.fs.local
         single = self.n_shards == 1
         shard = self.handles.get(self._first, self.n_inner) if single else None
         scratch = None
@@ -679,9 +725,9 @@ class _FastArray:
                 cache.put(key, chunk)
             out[dst] = chunk[src]
         if pending:
-            self._fetch_and_decode(pending, out)
+            self._fetch_and_decode(pending, out, cache)
 
-    def _fetch_and_decode(self, pending: list, out: np.ndarray) -> None:
+    def _fetch_and_decode(self, pending: list, out: np.ndarray, cache: _LruCache | None) -> None:
         """Remote stores: one batched ranged read per shard, then decode."""
         by_shard: dict[str, list] = {}
         for job in pending:
@@ -690,8 +736,8 @@ class _FastArray:
             for (shard, rng, src, dst), data in zip(jobs, jobs[0][0].get_many([j[1] for j in jobs])):
                 chunk = np.empty(self.chunks, self.dtype)
                 _decode_into(data, chunk)
-                if self.cache is not None:
-                    self.cache.put((shard.path, rng[0]), chunk)
+                if cache is not None:
+                    cache.put((shard.path, rng[0]), chunk)
                 out[dst] = chunk[src]
 
 
@@ -703,7 +749,7 @@ class _ZarrArray:
         self.shape = tuple(zarray.shape)
         self.dtype = zarray.dtype
 
-    def read_into(self, lo: Sequence[int], hi: Sequence[int], out: np.ndarray, out_lo: Sequence[int]) -> None:
+    def read_into(self, lo: Sequence[int], hi: Sequence[int], out: np.ndarray, out_lo: Sequence[int], use_cache: bool = True) -> None:
         region = tuple(slice(l, h) for l, h in zip(lo, hi))
         dst = tuple(slice(o, o + h - l) for o, l, h in zip(out_lo, lo, hi))
         out[dst] = self.z[region]
@@ -872,11 +918,11 @@ class VersionReader:
         return _ZarrArray(zarr.open_array(store=self._fs.uri(path), mode="r"))
 
     def read(self, case_id: str, array: str = "image") -> np.ndarray:
-        """The whole array."""
+        """The whole array (bypasses the decoded-chunk cache, which is for patches)."""
         arr = self._array(case_id, array)
         out = np.empty(arr.shape, arr.dtype)
         if out.size:
-            arr.read_into((0,) * out.ndim, arr.shape, out, (0,) * out.ndim)
+            arr.read_into((0,) * out.ndim, arr.shape, out, (0,) * out.ndim, use_cache=False)
         return out
 
     def read_patch(
@@ -935,14 +981,14 @@ class VersionReader:
             if col["kind"] == "numeric":
                 values = np.empty(arr.shape, arr.dtype)
                 if values.size:
-                    arr.read_into((0,) * values.ndim, arr.shape, values, (0,) * values.ndim)
+                    arr.read_into((0,) * values.ndim, arr.shape, values, (0,) * values.ndim, use_cache=False)
                 out[col["name"]] = values
             else:
                 texts = [str(v) for v in arr.z[...].tolist()] if arr.shape[0] else []
                 if col.get("nullable"):
                     nulls = self._open_array(self._fs.join(base, "_nulls", col["name"]))
                     mask = np.zeros(nulls.shape, bool)
-                    nulls.read_into((0,), nulls.shape, mask, (0,))
+                    nulls.read_into((0,), nulls.shape, mask, (0,), use_cache=False)
                     texts = [None if m else t for t, m in zip(texts, mask.tolist())]
                 out[col["name"]] = texts
         return out

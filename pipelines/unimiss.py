@@ -14,7 +14,7 @@ from prefect import flow  # noqa: E402
 from infra import tracking  # noqa: E402
 from pipelines.ingest import ingest_flow  # noqa: E402
 from tasks.profiles import unimiss_profile  # noqa: E402
-from tasks.train import evaluate_classification, finetune_segmentation, pretrain_unimiss  # noqa: E402
+from tasks.train import evaluate_classification, finetune_segmentation, pretrain_unimiss, register_encoder  # noqa: E402
 
 
 def needed_datasets(profile: str) -> list[str]:
@@ -43,13 +43,17 @@ def unimiss_flow(catalog_path: str | None = None, profile: str = "demo", parent_
         stages.append({"stage": "unimiss-pretrain", "status": "skipped" if pre["skipped"] else "ok", "seconds": pre["seconds"],
                        "metric": "loss_last", "value": pre["loss_last"]})
         seg = finetune_segmentation(profile, p.segmentation.dataset, versions[p.segmentation.dataset], pre, run_id)
+        encoder = register_encoder(pre, seg, p.segmentation.dataset, versions[p.segmentation.dataset]) \
+            if not (pre["skipped"] and seg["skipped"]) else {"model": None, "alias": None}
+        stages[-1].update(model=encoder["model"], alias=encoder["alias"])
         stages.append({"stage": f"segmentation:{p.segmentation.dataset}", "status": "skipped" if seg["skipped"] else "ok",
                        "seconds": seg["seconds"], "metric": "dice_mean", "value": seg["dice"], "model": seg.get("model"),
                        "alias": seg.get("alias")})
         cls = evaluate_classification(profile, p.classification.dataset, versions[p.classification.dataset], pre, run_id)
         stages.append({"stage": f"classification:{p.classification.dataset}", "status": "ok", "seconds": cls["seconds"],
                        "metric": "probe_auc", "value": cls["probe_auc"]})
-    return {"ingest": ingested, "stages": stages, "pretrain": pre, "segmentation": seg, "classification": cls}
+    return {"ingest": ingested, "stages": stages, "pretrain": pre, "segmentation": seg, "encoder": encoder,
+            "classification": cls}
 
 
 def _versions(names: list[str]) -> dict[str, str]:

@@ -77,7 +77,7 @@ def _case_summary(reader: VersionReader, case_id: str, image: str, label: str | 
     if label is not None and label in names:
         lab = reader.read(case_id, label)
         values, counts = np.unique(lab, return_counts=True)
-        out["labels"] = {str(v.item()): int(c) for v, c in zip(values, counts)}
+        out["labels"] = {str(int(v) if lab.dtype.kind in "biu" else v.item()): int(c) for v, c in zip(values, counts)}
         if lab.shape == img.shape:
             out["foreground"] = _moments(img[lab > 0], rng, k)
         elif lab.shape == img.shape[1:]:  # (C, D, H, W) image, (D, H, W) label

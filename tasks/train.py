@@ -246,3 +246,32 @@ def evaluate_classification(profile: str, dataset: str, version: str, pretrained
     key = "unimiss" if pretrained else "scratch"
     return {"run_id": run.info.run_id, "probe_auc": results[key]["probe"]["auc"], "finetune_auc": results[key]["finetune"]["auc"],
             "results": results, "seconds": time.perf_counter() - started}
+
+
+@task(name="register-encoder")
+def register_encoder(pretrained: dict[str, Any], downstream: dict[str, Any], dataset: str, version: str) -> dict[str, Any]:
+    """Register the pre-trained MiT encoder, gated by its downstream segmentation Dice.
+
+    The encoder's own loss says little about its worth, so its key metric is the held-out Dice
+    of the model fine-tuned from it (recorded with the split it was measured on); ``champion``
+    moves to a new encoder only when that Dice beats the current champion's on the same split.
+    """
+    import numpy as np
+
+    from infra.registry import promote_if_better, register_model
+    from models.mit import MiT, MiTConfig
+    from tasks.recipes.unimiss import pretrained_backbone_state
+
+    model_size = pretrained["model_size"]
+    backbone = MiT(getattr(MiTConfig, model_size)())
+    backbone.load_state_dict(pretrained_backbone_state(pretrained["checkpoint"]))
+    name = f"unimiss-mit-{model_size.replace('_', '-')}"
+    split = f"{dataset}@{version[:12]}:test"
+    example = np.zeros((1, backbone.config.in_chans_3d, *backbone.config.img_size_3d), dtype=np.float32)
+    info = register_model(backbone.eval(), name, input_example=example,
+                          metrics={"downstream_dice": downstream["dice"], "pretrain_loss_last": pretrained["loss_last"]},
+                          key_metric="downstream_dice", run_id=pretrained["run_id"], eval_split=split,
+                          extra_tags={"downstream_run_id": downstream["run_id"]})
+    decision = promote_if_better(name, info.version, key_metric="downstream_dice", higher_is_better=True, eval_split=split)
+    return {"model": name, "model_version": str(info.version), "alias": "champion" if decision.promoted else "candidate",
+            "promotion": decision.reason}

@@ -1,6 +1,6 @@
 """Per-entry preprocessing of a decoded case, and the checks a case must pass to be stored.
 
-3D volumes are reoriented (MONAI ``Orientation``, default RAS), resampled to the entry's
+3D volumes are reoriented (exact flips/permutations, default RAS), resampled to the entry's
 target spacing (MONAI ``Spacing``: bilinear for images, nearest for labels), and stored as
 (D, H, W) = (S, A, R) for RAS, i.e. axial slices first — the order torch models expect. 2D
 images are stored (H, W) or (H, W, C). Intensity normalisation follows the modality's usual
@@ -19,7 +19,7 @@ import numpy as np
 from tasks.catalog import Entry, Preprocess
 from tasks.ingest.types import CaseError, RawCase
 
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 
 
 def preprocess_case(case: RawCase, entry: Entry, *, max_voxels: int) -> RawCase:
@@ -59,36 +59,59 @@ def _check_finite(case: RawCase) -> None:
 
 
 def _volume(image: np.ndarray, label: np.ndarray | None, meta: dict[str, Any], plan: Preprocess):
-    """Reorient and resample with MONAI on MetaTensors; return (D,H,W) arrays."""
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import Orientation, Spacing
+    """Reorient (exact axis flips/permutations, nibabel), resample (MONAI ``Spacing``) and
+    return (D,H,W) arrays.
+
+    Reorientation never interpolates, so it is done on numpy views with nibabel's orientation
+    algebra (what MONAI's ``Orientation`` computes too) and costs no copy; MONAI resamples only
+    when the plan asks for a spacing or size change.
+    """
+    import nibabel.orientations as orient
 
     affine = np.asarray(meta.get("affine") if meta.get("affine") is not None else np.diag([*meta.get("spacing", [1, 1, 1]), 1.0]),
                         dtype=np.float64)
-    channel_first = image[None] if image.ndim == 3 else image
-    img = MetaTensor(torch.as_tensor(np.ascontiguousarray(channel_first), dtype=torch.float32), affine=torch.as_tensor(affine))
-    lab = MetaTensor(torch.as_tensor(np.ascontiguousarray(label[None]), dtype=torch.float32), affine=torch.as_tensor(affine)) if label is not None else None
+    channels_first = image.ndim == 4
     if plan.orientation:
-        orient = Orientation(axcodes=plan.orientation)
-        img = orient(img)
-        lab = orient(lab) if lab is not None else None
+        transform = orient.ornt_transform(orient.io_orientation(affine), orient.axcodes2ornt(tuple(plan.orientation)))
+        spatial_shape = image.shape[-3:]
+        if channels_first:
+            image = np.stack([orient.apply_orientation(c, transform) for c in image])
+        else:
+            image = orient.apply_orientation(image, transform)
+        label = orient.apply_orientation(label, transform) if label is not None else None
+        affine = affine @ orient.inv_ornt_aff(transform, spatial_shape)
+    if plan.target_spacing or plan.resize:
+        image, label, affine = _resample(image, label, affine, plan)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0)).tolist()
+    to_dhw = (0, 3, 2, 1) if channels_first and image.ndim == 4 else (2, 1, 0)
+    image_out = image.transpose(to_dhw)
+    label_out = label.transpose(2, 1, 0) if label is not None else None
+    meta.update(spacing=[float(s) for s in spacing[::-1]], affine=affine.tolist(), axes="DHW",
+                orientation=plan.orientation or "source")
+    return image_out, label_out, meta
+
+
+def _resample(image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, plan: Preprocess):
+    """MONAI ``Spacing`` (bilinear image, nearest label) then optional ``Resize`` on MetaTensors."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Resize, Spacing
+
+    meta_affine = torch.as_tensor(affine)
+    img = MetaTensor(torch.as_tensor(np.ascontiguousarray(image if image.ndim == 4 else image[None]), dtype=torch.float32),
+                     affine=meta_affine)
+    lab = MetaTensor(torch.as_tensor(np.ascontiguousarray(label[None]), dtype=torch.float32), affine=meta_affine) \
+        if label is not None else None
     if plan.target_spacing:
         img = Spacing(pixdim=plan.target_spacing, mode="bilinear")(img)
         lab = Spacing(pixdim=plan.target_spacing, mode="nearest")(lab) if lab is not None else None
     if plan.resize:
-        from monai.transforms import Resize
-
         img = Resize(plan.resize, mode="trilinear")(img)
         lab = Resize(plan.resize, mode="nearest")(lab) if lab is not None else None
-    spacing = [float(s) for s in img.pixdim.tolist()]
-    out_affine = img.affine.numpy().tolist()
-    to_dhw = (0, 3, 2, 1)
-    image_out = img.numpy().transpose(to_dhw)
-    image_out = image_out[0] if image_out.shape[0] == 1 else image_out
-    label_out = np.rint(lab.numpy().transpose(to_dhw)[0]).astype(np.int16) if lab is not None else None
-    meta.update(spacing=spacing[::-1], affine=out_affine, axes="DHW", orientation=plan.orientation or "source")
-    return image_out, label_out, meta
+    out = img.numpy()
+    out = out[0] if image.ndim == 3 else out
+    lab_out = np.rint(lab.numpy()[0]).astype(np.int16) if lab is not None else None
+    return out, lab_out, img.affine.numpy().astype(np.float64)
 
 
 def _image(image: np.ndarray, label: np.ndarray | None, meta: dict[str, Any], plan: Preprocess):
@@ -115,7 +138,7 @@ def _normalise(image: np.ndarray, plan: Preprocess, modality: str) -> np.ndarray
     mode = plan.intensity.mode
     if mode == "none":
         return image
-    image = image.astype(np.float32)
+    image = image.astype(np.float32, copy=False)
     if mode == "ct_window":
         low, high = plan.intensity.window
         return np.clip((image - low) / (high - low), 0.0, 1.0)
@@ -132,7 +155,7 @@ def _normalise(image: np.ndarray, plan: Preprocess, modality: str) -> np.ndarray
 def _cast(image: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "uint8" and np.issubdtype(image.dtype, np.floating):
         return np.clip(np.rint(image * 255.0 if image.max() <= 1.0 else image), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(image.astype(dtype))
+    return np.ascontiguousarray(image.astype(dtype, copy=False))
 
 
 def _labels(label: np.ndarray, entry: Entry) -> np.ndarray:

@@ -428,7 +428,7 @@ def _load_volume(case_id: str, images: list[Path], *, label: Path | None, maps: 
         image = np.moveaxis(volumes[0].reshape((*shape, channels)), -1, 0)
     else:
         image = volumes[0].reshape(shape)
-    arrays: dict[str, np.ndarray] = {"image": np.ascontiguousarray(image)}
+    arrays: dict[str, np.ndarray] = {"image": image}  # nibabel's Fortran order: preprocessing transposes it for free
     if label_image is not None:
         arrays["label"] = _as_label_map(_nifti_data(label_image, label, "label").reshape(shape), f"label {label.name}")
     elif map_images:

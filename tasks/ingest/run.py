@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from infra.settings import Settings
+from infra.storage import check_name
 from tasks.catalog import Entry
 from tasks.ingest.preprocess import PREPROCESS_VERSION, preprocess_case
 from tasks.ingest.readers import SourceUnavailable, list_cases
@@ -107,24 +108,19 @@ def ingest_entry(entry: Entry, base_dir: Path, settings: Settings, profile: str 
     reasons: list[str] = []
     total = len(plan.refs)
     report_every = max(1, total // 10)
-    for index, ref in enumerate(plan.refs, start=1):
-        if ref.case_id in done:
-            continue
-        try:
-            case = preprocess_case(ref.load(), entry, max_voxels=settings.max_case_voxels)
-        except (CaseError, ValueError, OSError, RuntimeError, KeyError, IndexError, TypeError, EOFError) as exc:
-            reason = str(exc) if isinstance(exc, CaseError) else f"{type(exc).__name__}: {exc}"
+    todo = [ref for ref in plan.refs if ref.case_id not in done]
+    for index, (ref, outcome) in enumerate(_processed(todo, entry, settings, plan, writer), start=len(done) + 1):
+        if isinstance(outcome, Exception):
+            reason = str(outcome) if isinstance(outcome, CaseError) else f"{type(outcome).__name__}: {outcome}"
             writer.quarantine(ref.case_id, reason, ",".join(str(p) for p in ref.sources) or None)
             quarantined += 1
             reasons.append(f"{ref.case_id}: {reason}")
             log.warning("%s: quarantined case %s: %s", entry.name, ref.case_id, reason)
             continue
-        if entry.dims == 0:
-            records.append(case)
+        if isinstance(outcome, RawCase):
+            records.append(outcome)
         else:
-            attrs = {**case.meta, "source_digest": plan.case_digests[ref.case_id]}
-            writer.write_case(ref.case_id, case.arrays, attrs)
-            bytes_written += sum(int(np.asarray(a).nbytes) for a in case.arrays.values())
+            bytes_written += outcome
         good += 1
         _fault_point(f"after_case:{good}")
         if index % report_every == 0 or index == total:
@@ -153,6 +149,58 @@ def ingest_entry(entry: Entry, base_dir: Path, settings: Settings, profile: str 
     n_cases = info.n_cases if entry.dims else len(records) + len(done)
     return {**summary, "status": "written", "n_cases": n_cases, "n_quarantined": info.n_quarantined,
             "seconds": seconds, "mb_written": bytes_written / 1e6, "uri": info.uri, "fingerprint": fingerprint}
+
+
+_CASE_ERRORS = (CaseError, ValueError, OSError, RuntimeError, KeyError, IndexError, TypeError, EOFError)
+
+
+def _process(ref: CaseRef, entry: Entry, settings: Settings, plan: IngestPlan, writer) -> RawCase | int | Exception:
+    """Load, preprocess, validate and (for image cases) write one case.
+
+    Returns the bytes written for an image case, the decoded case for a record-like entry
+    (records are written together at the end), or the exception that becomes its quarantine
+    reason.
+    """
+    try:
+        case = preprocess_case(ref.load(), entry, max_voxels=settings.max_case_voxels)
+        if not entry.dims:
+            return case
+        check_name(ref.case_id, "case id")
+        writer.write_case(ref.case_id, case.arrays, {**case.meta, "source_digest": plan.case_digests[ref.case_id]})
+        return sum(int(np.asarray(a).nbytes) for a in case.arrays.values())
+    except _CASE_ERRORS as exc:
+        return exc
+
+
+def _processed(refs: list[CaseRef], entry: Entry, settings: Settings, plan: IngestPlan, writer):
+    """Yield (ref, outcome) in listing order, with up to ``ingest_threads`` cases in flight.
+
+    Decoding (zlib, pydicom, MONAI resampling) and encoding (blosc, file I/O) release the GIL
+    for most of their time, so cases processed side by side keep every core busy; cases are
+    independent (each is written and committed on its own), and the look-ahead is bounded so
+    memory stays a few cases.
+    """
+    threads = max(1, settings.ingest_threads)
+    if threads == 1 or len(refs) < 2:
+        for ref in refs:
+            yield ref, _process(ref, entry, settings, plan, writer)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ingest") as pool:
+        pending: deque = deque()
+        queue = iter(refs)
+        for ref in queue:
+            pending.append((ref, pool.submit(_process, ref, entry, settings, plan, writer)))
+            if len(pending) >= threads + 1:
+                break
+        while pending:
+            ref, future = pending.popleft()
+            following = next(queue, None)
+            if following is not None:
+                pending.append((following, pool.submit(_process, following, entry, settings, plan, writer)))
+            yield ref, future.result()
 
 
 def _quarantined_ids(writer) -> set[str]:

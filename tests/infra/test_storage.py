@@ -137,9 +137,12 @@ def test_cache_is_bounded_in_bytes(store: DatasetStore) -> None:
     limit = 200_000  # ~3 decoded 24^3 float32 chunks
     r = store.open("ds", cache_bytes=limit)
     for i in range(4):
-        r.read(f"c{i}")
+        r.read_patch(f"c{i}", "image", (0, 0, 0), (48, 48, 48))
         assert r.cache_stats["bytes"] <= limit
     assert r.cache_stats["bytes"] > 0
+    r.clear_cache()
+    r.read("c0")  # whole reads bypass the cache
+    assert r.cache_stats["bytes"] == 0
 
 
 def test_version_is_invisible_until_its_manifest_is_committed(store: DatasetStore) -> None:

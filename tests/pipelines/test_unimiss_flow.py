@@ -30,6 +30,8 @@ def test_chain_completes_with_a_registered_champion(smoke_run):
     assert seg["model"].startswith("unimiss-mit-cpu-small-seg-phantom-seg-liver")
     assert seg["alias"] == "champion", "the first registered version becomes champion"
     assert 0.0 <= seg["dice"] <= 1.0
+    assert smoke_run["encoder"]["model"] == "unimiss-mit-cpu-small"
+    assert smoke_run["encoder"]["alias"] == "champion"
 
 
 def test_champion_loads_by_alias_and_segments_a_store_case(smoke_run):
