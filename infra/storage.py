@@ -264,18 +264,11 @@ class _LocalFs:
                 os.remove(tmp)
             raise
         if fsync:
-            self._fsync_dir(folder)
+            self._fsync_path(folder)
 
     @staticmethod
-    def _fsync_dir(folder: str) -> None:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    @staticmethod
-    def _fsync_file(path: str) -> None:
+    def _fsync_path(path: str) -> None:
+        """fsync a file or a folder (a folder's fsync makes renames inside it durable)."""
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -295,8 +288,8 @@ class _LocalFs:
             files += [os.path.join(folder, name) for name in names]
             folders.append(folder)
         with ThreadPoolExecutor(max_workers=16) as pool:
-            list(pool.map(self._fsync_file, files))
-            list(pool.map(self._fsync_dir, folders))
+            list(pool.map(self._fsync_path, files))
+            list(pool.map(self._fsync_path, folders))
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
