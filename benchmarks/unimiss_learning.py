@@ -27,6 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pretrain-epochs", type=int, default=None, help="override the profile's pre-training epochs")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="override the profile's steps per epoch")
     parser.add_argument("--home", default=None, help="MedFoundry home (default: a fresh temporary folder)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "unimiss_learning.json"))
     args = parser.parse_args()
@@ -45,6 +47,13 @@ def main() -> None:
     from tasks.profiles import unimiss_profile
     from tasks.train import finetune_segmentation, pretrain_unimiss
 
+    if args.pretrain_epochs or args.pretrain_steps:
+        from tasks import profiles
+
+        base = profiles.UNIMISS_PROFILES[args.profile]
+        pre = base.pretrain.model_copy(update={k: v for k, v in {"epochs": args.pretrain_epochs,
+                                                                "steps_per_epoch": args.pretrain_steps}.items() if v})
+        profiles.UNIMISS_PROFILES[args.profile] = base.model_copy(update={"pretrain": pre})
     settings = get_settings()
     catalog = load_catalog(REPO / "catalog.yaml")
     versions = {name: ingest_entry(catalog.get(name), catalog.base_dir, settings, args.profile)["version"]
@@ -66,7 +75,7 @@ def main() -> None:
         mlflow.log_metrics({"dice_unimiss_mean": means["unimiss"], "dice_scratch_mean": means["scratch"],
                             "dice_gain": means["unimiss"] - means["scratch"]})
         tracking.log_dict_artifact({"per_seed": results, "means": means}, "learning_check.json")
-    report = {"dataset": dataset, "profile": args.profile, "seeds": args.seeds, "per_seed": results, "means": means,
+    report = {"dataset": dataset, "profile": args.profile, "pretrain": unimiss_profile(args.profile).pretrain.model_dump(), "seeds": args.seeds, "per_seed": results, "means": means,
               "pretrained_beats_scratch": means["unimiss"] > means["scratch"], "seconds": time.perf_counter() - started,
               "pretrain_loss_first_last": [pre["loss_first"], pre["loss_last"]]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
