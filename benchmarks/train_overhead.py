@@ -4,33 +4,55 @@ In one run on one machine:
 
 1. ``launch 1x2``: ``tasks.recipes.unimiss.train_unimiss`` through ``infra.launcher.launch``
    (1 Ray Train worker, 2 torch threads, MLflow per-step logging on, as in a flow), against
-   ``bare 1x2``: a plain PyTorch loop in this process that does the recipe's work per step
-   (same ``UniMiSSStudentTeacher(MiT(MiTConfig.cpu_small()), UniMiSSConfig.cpu_small())``,
-   same seeds, same ``make_views`` crops and augmentations, same optimiser step, 2 threads)
-   without Ray, DDP, ``torch.distributed`` or MLflow. Same seeds and one worker mean the two
-   see the very same samples: their per-epoch losses must agree (checked, ``loss_max_diff``).
+   ``bare 1x2``: a plain PyTorch loop doing the recipe's work per step (same
+   ``UniMiSSStudentTeacher(MiT(MiTConfig.cpu_small()), UniMiSSConfig.cpu_small())``, same
+   seeds, same ``make_views`` crops and augmentations, same optimiser step) in a fresh
+   process with the environment a worker gets (``worker_env``: threads, OpenMP wait policy),
+   without Ray, DDP, ``torch.distributed`` or MLflow. Same seeds and one worker mean both see
+   the very same samples: their per-epoch losses must agree (printed; 0.0 = the same work).
 2. ``launch 2x1`` (2 workers x 1 thread, per-worker batch halved, so the same global batch)
    against ``launch 1x2``, in samples/s (steps/s x global batch).
+   ``--single-thread`` adds ``bare 1x1`` vs ``launch 1x1``: launcher overhead without
+   intra-op threading.
 
 Only steady-state steps are timed: each epoch's ``steps_per_s`` (the recipe's own metric,
-read back from the MLflow run; the bare loop times its epochs the same way), without the
+read back from its checkpoints; the bare loop times its epochs the same way), without the
 first ``--skip`` epochs (first 2D and first 3D epoch: warm-up). Epochs alternate 2D, 3D, 2D...
-(``interval=1``), and 2D and 3D are reported separately; "both" is the alternating rate,
+(``interval=1``); 2D and 3D are reported separately, "both" is the alternating rate
 2 / (1/2D + 1/3D). The machine is shared, so each figure is the best epoch of its kind
 (median in brackets), and the bare loop runs twice (before and after ``launch 1x2``) and
-keeps its best. Data: ``phantom-ct``, ``synthetic-cxr`` and ``chest-cr-rg1`` ingested with
-profile ``smoke`` into a temporary MEDFOUNDRY_HOME (deleted afterwards).
+keeps the better of each epoch. Data: ``phantom-ct``, ``synthetic-cxr`` and ``chest-cr-rg1``
+ingested with profile ``smoke`` into a temporary MEDFOUNDRY_HOME (deleted afterwards).
 
 Run: ``python benchmarks/train_overhead.py [--steps 20] [--epochs 8] [--out FILE.json]``
 (``--steps`` = steps per epoch; default output ``benchmarks/out/train_overhead.json``).
 
-Measured (2 shared cores, load average 3-4 from other users; batch 4, views 16x32x32 / 64^2,
-20 steps x 8 epochs, best epoch [median]):
+Measured 2026-11-26 (2 shared cores, load average 1-2 from other tenants; batch 4, views
+16x32x32 / 64^2, 20 steps x 8 epochs; "both" = alternating 2D/3D rate, best epoch [median]):
 
-    run 1                     2D steps/s     3D steps/s    2D samples/s  3D samples/s
-    TODO
+    run (worker niceness)     launch 1x2 / bare 1x2   launch 2x1 / launch 1x2   launch 1x1 / bare 1x1
+    1 (Ray default 15)        0.750 [0.772]           1.705 [1.578]
+    2 (Ray default 15)        0.882 [0.879]           0.998 [1.049]
+    3 (0, now the default)    0.980 [0.918]           1.380 [1.052]
+    4 (0)                     0.709 [0.753]           1.737 [1.503]
+    5 (0, --single-thread)    0.943 [0.812]           1.104 [1.276]             1.061 [1.084]
 
-Ratios: TODO
+    run 5 in steps/s:         2D             3D            both
+    bare 1x2                  14.12 [14.03]  4.89 [4.75]   7.27 [7.10]
+    launch 1x2                14.08 [10.30]  4.53 [4.01]   6.85 [5.77]
+    launch 2x1                14.75 [14.14]  5.09 [4.97]   7.57 [7.36]
+    bare 1x1                  12.27 [12.25]  4.04 [3.73]   6.08 [5.71]
+    launch 1x1                15.11 [14.27]  4.10 [3.96]   6.45 [6.20]
+
+Reading: single-threaded, the launcher costs nothing measurable (1.06x); 2 workers x 1 thread
+beat 1 worker x 2 threads in every run (1.0-1.7x, target >= 0.9x met). 1 worker x 2 threads
+through the launcher reaches 0.71-0.98x of the bare loop (target 0.95x met in 1 of 5 runs):
+its OpenMP team needs both cores at every barrier, and Ray's own processes on the same two
+cores (controller, raylet, log monitor: ~9 % of a core, sampled) plus other tenants' load stall
+it, which a bare process without Ray beside it does not suffer. Found on the way and fixed:
+Ray starts workers at niceness 15 (now ``ray_worker_niceness``, default 0) and libgomp's
+spinning barriers (now ``OMP_WAIT_POLICY=PASSIVE`` for multi-threaded workers). Per-epoch
+losses of bare and launched 1x2 agree exactly (0.0): the two do the same work.
 """
 
 from __future__ import annotations
@@ -40,6 +62,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4, help="global batch (per worker: batch / workers)")
     parser.add_argument("--threads", type=int, default=2, help="cores for a run: 1 worker x T threads vs T workers x 1")
     parser.add_argument("--no-mlflow", action="store_true", help="launch without mlflow_run_id (no per-step logging)")
+    parser.add_argument("--single-thread", action="store_true",
+                        help="also bare 1x1 vs launch 1x1: launcher overhead without intra-op threading (~1.5 min more)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "train_overhead.json")
     parser.add_argument("--keep-home", action="store_true", help="keep the temporary MEDFOUNDRY_HOME")
     args = parser.parse_args()
@@ -171,43 +196,59 @@ def bare_loop(config: dict[str, Any]) -> list[dict[str, Any]]:
     return records
 
 
-def launched(settings: Any, config: dict[str, Any], workers: int, tag: str, use_mlflow: bool) -> tuple[list[dict[str, Any]], float]:
-    """Run the recipe through ``launch`` in a fresh Ray session set up for ``settings``; per-epoch records + wall s.
+def run_bare(settings: Any, config: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
+    """:func:`bare_loop` in a fresh Python process with exactly the environment a Ray worker of
+    ``settings`` gets (:func:`infra.launcher.worker_env`: thread variables, which OpenMP reads
+    only at start-up), so the only difference left is Ray Train, the process group and MLflow.
+    Returns the per-epoch records and the wall seconds of the whole process."""
+    from infra.launcher import worker_env
 
-    Per-epoch ``steps_per_s`` and ``epoch_loss`` come from the MLflow run the recipe logs to
-    (rank 0); without MLflow only the last epoch is known (``LaunchResult.metrics``).
+    env = {**os.environ, **worker_env(settings)}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--bare-child", json.dumps(config)], env=env, cwd=REPO,
+                          stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1]), time.perf_counter() - started
+
+
+def launched(settings: Any, config: dict[str, Any], workers: int, tag: str, use_mlflow: bool) -> tuple[list[dict[str, Any]], float]:
+    """Run the recipe through ``launch`` in a fresh Ray session set up for ``settings``.
+
+    Returns per-epoch records (the recipe's own metrics, read back from its checkpoints, all
+    kept) and the wall seconds of the launch. ``use_mlflow``: give the recipe an MLflow run,
+    so it logs per-step metrics from rank 0 as it does in a flow.
     """
-    import mlflow
     import ray
 
+    from infra.checkpoint import load_checkpoint
     from infra.launcher import ensure_ray, launch
     from tasks.recipes.unimiss import train_unimiss
 
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name("train-overhead") or client.get_experiment(client.create_experiment("train-overhead"))
-    run_id = client.create_run(experiment.experiment_id, run_name=tag).info.run_id if use_mlflow else None
+    run_id = None
+    if use_mlflow:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        experiment = client.get_experiment_by_name("train-overhead")
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment("train-overhead")
+        run_id = client.create_run(experiment_id, run_name=tag).info.run_id
     if ray.is_initialized():
-        ray.shutdown()  # the runtime env (OMP_NUM_THREADS) is fixed per Ray session
+        ray.shutdown()  # a Ray session's runtime env (thread variables) is fixed at ray.init
     ensure_ray(settings)
     started = time.perf_counter()
     result = launch(train_unimiss, {**config, "mlflow_run_id": run_id}, name=f"{tag}-{int(time.time())}", settings=settings,
-                    num_workers=workers, max_failures=0, keep_checkpoints=1)
+                    num_workers=workers, max_failures=0, keep_checkpoints=int(config["epochs"]))
     wall = time.perf_counter() - started
     ray.shutdown()
     result.raise_for_error()
-    if run_id is None:
-        m = result.metrics
-        return [{"epoch": m["epoch"], "dims": m["epoch_dims"], "steps_per_s": m["steps_per_s"], "loss": m["loss"]}], wall
-    client.set_terminated(run_id)
-    rates = sorted(client.get_metric_history(run_id, "steps_per_s"), key=lambda m: m.step)
-    losses = {m.step: m.value for m in client.get_metric_history(run_id, "epoch_loss")}
-    hp_interval = HYPER["interval"]
+    if run_id is not None:
+        client.set_terminated(run_id)
     records = []
-    for metric in rates:
-        epoch = metric.step // config["steps_per_epoch"] - 1
-        records.append({"epoch": epoch, "dims": 2 if (epoch // hp_interval) % 2 == 0 else 3, "steps_per_s": metric.value,
-                        "loss": losses.get(metric.step)})
-    return records, wall
+    for checkpoint in (p for p in Path(result.path).glob("checkpoint_*") if p.is_dir()):
+        saved = load_checkpoint(checkpoint)
+        m = saved["metrics"]
+        records.append({"epoch": int(saved["epoch"]), "dims": int(m["epoch_dims"]), "steps_per_s": float(m["steps_per_s"]),
+                        "loss": float(m["loss"])})
+    return sorted(records, key=lambda r: r["epoch"]), wall
 
 
 # ----------------------------------------------------------------------------- summary
@@ -251,32 +292,40 @@ def print_table(rows: dict[str, dict[str, Any]], ratios: dict[str, dict[str, flo
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--bare-child":
+        print(json.dumps(bare_loop(json.loads(sys.argv[2]))))
+        return
     args = parse_args()
     home = make_home()
+    from infra.launcher import worker_env
     from infra.settings import Settings, configure_engines
 
     t = args.threads
-    one_by_t = Settings(home=home, num_workers=1, cpus_per_worker=1, threads_per_worker=t, use_gpu=False)
-    t_by_one = Settings(home=home, num_workers=t, cpus_per_worker=1, threads_per_worker=1, use_gpu=False)
-    configure_engines(one_by_t)
+    settings = {f"{w}x{n}": Settings(home=home, num_workers=w, cpus_per_worker=1, threads_per_worker=n, use_gpu=False)
+                for w, n in ((1, t), (t, 1), (1, 1))}
+    configure_engines(settings[f"1x{t}"])
     load_before = os.getloadavg()
     phases: dict[str, float] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     started = time.perf_counter()
-    try:
-        versions = ingest(one_by_t)
-        phases["ingest_s"] = time.perf_counter() - started
-        cfg_1 = recipe_config(one_by_t.store, versions, args, 1, t)
-        cfg_t = recipe_config(one_by_t.store, versions, args, t, 1)
-        runs: dict[str, list[dict[str, Any]]] = {}
 
-        mark = time.perf_counter()
-        runs["bare_a"] = bare_loop(cfg_1)
-        phases["bare_a_s"] = time.perf_counter() - mark
-        runs["launch_1x"], phases["launch_1x_s"] = launched(one_by_t, cfg_1, 1, f"overhead-1x{t}", not args.no_mlflow)
-        mark = time.perf_counter()
-        runs["bare_b"] = bare_loop(cfg_1)
-        phases["bare_b_s"] = time.perf_counter() - mark
-        runs["launch_tx"], phases["launch_tx_s"] = launched(t_by_one, cfg_t, t, f"overhead-{t}x1", not args.no_mlflow)
+    def timed(name: str, fn: Any, *fn_args: Any) -> None:
+        runs[name], phases[f"{name}_s"] = fn(*fn_args)
+
+    try:
+        versions = ingest(settings[f"1x{t}"])
+        phases["ingest_s"] = time.perf_counter() - started
+        store = settings[f"1x{t}"].store
+        cfg = {key: recipe_config(store, versions, args, s.num_workers, s.threads_per_worker) for key, s in settings.items()}
+        use_mlflow = not args.no_mlflow
+        # bare runs bracket launch 1xT (the machine is shared: keep the best of the two)
+        timed("bare_a", run_bare, settings[f"1x{t}"], cfg[f"1x{t}"])
+        timed(f"launch_1x{t}", launched, settings[f"1x{t}"], cfg[f"1x{t}"], 1, f"overhead-1x{t}", use_mlflow)
+        timed("bare_b", run_bare, settings[f"1x{t}"], cfg[f"1x{t}"])
+        timed(f"launch_{t}x1", launched, settings[f"{t}x1"], cfg[f"{t}x1"], t, f"overhead-{t}x1", use_mlflow)
+        if args.single_thread:
+            timed("bare_1x1", run_bare, settings["1x1"], cfg["1x1"])
+            timed("launch_1x1", launched, settings["1x1"], cfg["1x1"], 1, "overhead-1x1", use_mlflow)
     finally:
         if not args.keep_home:
             shutil.rmtree(home, ignore_errors=True)
@@ -284,23 +333,27 @@ def main() -> None:
 
     bare_best = [max(a, b, key=lambda r: r["steps_per_s"]) for a, b in zip(runs["bare_a"], runs["bare_b"])]
     rows = {f"bare 1x{t}": summarise(bare_best, args.skip, args.batch),
-            f"launch 1x{t}": summarise(runs["launch_1x"], args.skip, args.batch),
-            f"launch {t}x1": summarise(runs["launch_tx"], args.skip, args.batch)}
-    ratios = {f"launch 1x{t} / bare": ratio(rows[f"launch 1x{t}"], rows[f"bare 1x{t}"]),
+            f"launch 1x{t}": summarise(runs[f"launch_1x{t}"], args.skip, args.batch),
+            f"launch {t}x1": summarise(runs[f"launch_{t}x1"], args.skip, args.batch)}
+    ratios = {f"launch 1x{t} / bare 1x{t}": ratio(rows[f"launch 1x{t}"], rows[f"bare 1x{t}"]),
               f"launch {t}x1 / launch 1x{t}": ratio(rows[f"launch {t}x1"], rows[f"launch 1x{t}"])}
-    loss_diff = None
-    if not args.no_mlflow:
-        pairs = [(b["loss"], r["loss"]) for b, r in zip(runs["bare_a"], runs["launch_1x"]) if r["loss"] is not None]
-        loss_diff = max(abs(b - r) for b, r in pairs) if pairs else None
+    if args.single_thread:
+        rows["bare 1x1"] = summarise(runs["bare_1x1"], args.skip, args.batch)
+        rows["launch 1x1"] = summarise(runs["launch_1x1"], args.skip, args.batch)
+        ratios["launch 1x1 / bare 1x1"] = ratio(rows["launch 1x1"], rows["bare 1x1"])
+    loss_diff = max(abs(b["loss"] - r["loss"]) for b, r in zip(runs["bare_a"], runs[f"launch_1x{t}"]))
     print_table(rows, ratios, args.batch)
-    print(f"loss |bare - launch 1x{t}| max over epochs: {loss_diff}")
+    print(f"loss |bare - launch 1x{t}| max over epochs: {loss_diff}  (same seeds and samples: 0 means the same work)")
     print("phases (s): " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
+    print(f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
 
+    thread_env = {key: {k: v for k, v in worker_env(s).items() if "THREADS" in k or k.startswith(("OMP_", "GOMP_", "KMP_"))}
+                  for key, s in settings.items()}
     report = {
         "machine": {"cpus": len(os.sched_getaffinity(0)), "load_before": load_before, "load_after": os.getloadavg(),
                     "python": sys.version.split()[0]},
         "settings": {"steps_per_epoch": args.steps, "epochs": args.epochs, "skip": args.skip, "global_batch": args.batch,
-                     "threads": t, "mlflow_logging": not args.no_mlflow, "hyper": HYPER},
+                     "threads": t, "mlflow_logging": not args.no_mlflow, "hyper": HYPER, "worker_thread_env": thread_env},
         "summary": rows, "ratios": ratios, "targets": {"launch_vs_bare": 0.95, "workers_vs_threads": 0.9},
         "loss_max_diff_bare_vs_launch": loss_diff, "phases_s": phases, "epochs": runs,
     }

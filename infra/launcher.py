@@ -119,7 +119,16 @@ def run_dir(settings: Settings, name: str) -> str:
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    """Environment variables every Ray worker gets (thread limits, settings, import path)."""
+    """Environment variables every Ray worker gets (thread limits, settings, import path).
+
+    With more than one torch thread per worker, OpenMP threads wait passively at barriers
+    (``OMP_WAIT_POLICY=PASSIVE``; an ``OMP_WAIT_POLICY`` in the driver's environment wins).
+    torch's libgomp otherwise spins for milliseconds at every barrier, and when a team's other
+    thread is descheduled (Ray's processes, the driver, other jobs on the node) the spinning
+    burns the time slice: on the 2-core machine, 1 worker x 2 threads ran 5-60x slower
+    under other load, and passive waiting kept it steady (benchmarks/train_overhead.py).
+    OpenMP reads this only at process start, hence here and not in ``set_threads``.
+    """
     threads = str(settings.threads_per_worker)
     env = {key: value for key, value in os.environ.items() if key.startswith("MEDFOUNDRY_")}
     env.update(
@@ -128,6 +137,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
         PYTHONPATH=os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
     )
+    if settings.threads_per_worker > 1:
+        env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 
@@ -136,7 +147,10 @@ def ensure_ray(settings: Settings, *, num_cpus: int | None = None, runtime_env: 
 
     Local Ray (no ``ray_cluster_address``) gets ``num_cpus`` logical CPUs (default: the
     cores this process may use, at least ``num_workers * cpus_per_worker`` so a fit can
-    always be scheduled). ``runtime_env`` adds to the job's runtime env (e.g.
+    always be scheduled) and workers at ``ray_worker_niceness`` (default 0: Ray's default of
+    15 gives training workers 1/28 of the CPU share of any ordinary process, so on a shared
+    machine a launched run fell to 0.64-0.79x of the same loop run bare,
+    benchmarks/train_overhead.py); a cluster keeps its own configuration. ``runtime_env`` adds to the job's runtime env (e.g.
     ``working_dir`` on a cluster); its ``env_vars`` override :func:`worker_env`. Later calls
     reuse the running session: Ray cannot change a job's runtime env after ``ray.init``.
     """
@@ -156,6 +170,7 @@ def ensure_ray(settings: Settings, *, num_cpus: int | None = None, runtime_env: 
     }
     if address is None:
         kwargs["num_cpus"] = num_cpus or max(_local_cpus(), settings.num_workers * settings.cpus_per_worker)
+        kwargs["_system_config"] = {"worker_niceness": settings.ray_worker_niceness}
     started = time.perf_counter()
     ray.init(**kwargs)
     logger.info("Ray ready in %.1f s (%s)", time.perf_counter() - started, address or "local")

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     use_gpu: bool = Field(default=False, description="One GPU per worker, NCCL and bf16 autocast.")
     threads_per_worker: int = Field(default=1, ge=1, description="torch intra-op threads per worker.")
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
+    ray_worker_niceness: int = Field(default=0, ge=-20, le=19,
+                                     description="Niceness of the workers of a local Ray (Ray's own default, 15, makes "
+                                                 "training yield to every other process on a shared machine).")
 
     ingest_threads: int = Field(default=2, ge=1, le=64, description="Cases decoded ahead of the writer during ingest.")
     max_case_voxels: int = Field(default=512 * 1024**2, ge=1, description="Refuse cases declaring more voxels than this (decompression-bomb guard).")

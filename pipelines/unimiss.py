@@ -51,7 +51,8 @@ def unimiss_flow(catalog_path: str | None = None, profile: str = "demo", parent_
                        "alias": seg.get("alias")})
         cls = evaluate_classification(profile, p.classification.dataset, versions[p.classification.dataset], pre, run_id)
         stages.append({"stage": f"classification:{p.classification.dataset}", "status": "ok", "seconds": cls["seconds"],
-                       "metric": "probe_auc", "value": cls["probe_auc"]})
+                       "metric": "finetune_auc", "value": cls["finetune_auc"], "model": cls.get("model"),
+                       "alias": cls.get("alias")})
     return {"ingest": ingested, "stages": stages, "pretrain": pre, "segmentation": seg, "encoder": encoder,
             "classification": cls}
 

@@ -71,6 +71,23 @@ def _auc_accuracy(logits: torch.Tensor, targets: torch.Tensor, num_classes: int)
     return {"accuracy": accuracy, "auc": float(np.mean(aucs))}
 
 
+def classification_classes(reader) -> dict[str, int]:
+    """``{class name: index}`` of a labelled store version (labels as a list or a name->index map)."""
+    classes = reader.attrs["labels"]
+    return {c: i for i, c in enumerate(classes)} if isinstance(classes, list) else dict(classes)
+
+
+def load_classification_cases(reader, case_ids: list[str], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """2D cases of a store version as a 3-channel ``(N, 3, S, S)`` batch (area-resized) and their class indices."""
+    class_index = classification_classes(reader)
+    images, targets = [], []
+    for case_id in case_ids:
+        image = torch.from_numpy(np.asarray(reader.read(case_id, "image"), dtype=np.float32))
+        images.append(F.interpolate(image[None, None], size=(image_size,) * 2, mode="area")[0].expand(3, -1, -1))
+        targets.append(class_index[reader.case_attrs(case_id)["label"]])
+    return torch.stack(images), torch.tensor(targets)
+
+
 def linear_probe(backbone: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
                  num_classes: int, epochs: int = 200, lr: float = 1e-2, seed: int = 0) -> dict[str, float]:
     """Logistic regression on frozen, standardised backbone features."""
@@ -88,10 +105,9 @@ def linear_probe(backbone: torch.nn.Module, train: tuple[torch.Tensor, torch.Ten
         return _auc_accuracy(head(f_test), test[1], num_classes)
 
 
-def finetune_classifier(backbone: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
-                        test: tuple[torch.Tensor, torch.Tensor], num_classes: int, epochs: int = 5, lr: float = 3e-4,
-                        batch: int = 16, seed: int = 0) -> dict[str, float]:
-    """Full fine-tuning of backbone + linear head."""
+def train_classifier(backbone: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor], num_classes: int,
+                     epochs: int = 5, lr: float = 3e-4, batch: int = 16, seed: int = 0) -> torch.nn.Sequential:
+    """Full fine-tuning of backbone + linear head; returns the classifier (logits) in eval mode."""
     torch.manual_seed(seed)
     head = torch.nn.Linear(backbone.out_dim, num_classes)
     model = torch.nn.Sequential(backbone, head)
@@ -105,7 +121,13 @@ def finetune_classifier(backbone: torch.nn.Module, train: tuple[torch.Tensor, to
             optimizer.zero_grad()
             F.cross_entropy(model(train[0][idx]), train[1][idx]).backward()
             optimizer.step()
-    model.eval()
+    return model.eval()
+
+
+def evaluate_classifier(model: torch.nn.Module, test: tuple[torch.Tensor, torch.Tensor], num_classes: int,
+                        batch: int = 64) -> dict[str, float]:
+    """Macro one-vs-rest AUC and accuracy of a logits model on a test set."""
     with torch.no_grad():
-        logits = torch.cat([model(test[0][i:i + 64]) for i in range(0, len(test[0]), 64)])
+        logits = torch.cat([model(test[0][i:i + batch]) for i in range(0, len(test[0]), batch)])
     return _auc_accuracy(logits, test[1], num_classes)
+

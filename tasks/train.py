@@ -3,6 +3,7 @@ classification evaluation and registration. They pass names, versions, paths and
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -195,57 +196,75 @@ def _register_segmenter(model, dataset, model_size, evaluation, run_id, reader, 
 
 @task(name="classification-eval")
 def evaluate_classification(profile: str, dataset: str, version: str, pretrained: dict[str, Any] | None,
-                            parent_run_id: str) -> dict[str, Any]:
-    """Linear probe and full fine-tuning of the 2D path on a labelled 2D dataset (AUC, accuracy)."""
-    import numpy as np
+                            parent_run_id: str, register: bool = True) -> dict[str, Any]:
+    """Linear probe and full fine-tuning of the 2D path on a labelled 2D dataset (AUC, accuracy).
+
+    Both run from the pre-trained backbone and from scratch (the comparison is logged); the
+    classifier fine-tuned from the pre-trained backbone is registered, gated by its test AUC
+    (not registered when the test split holds a single class, where AUC is undefined).
+    """
+    import mlflow
     import torch
 
     from infra import tracking
     from infra.storage import DatasetStore
     from models.mit import MiT, MiTConfig
+    from tasks.evaluate import (classification_classes, evaluate_classifier, linear_probe, load_classification_cases,
+                                train_classifier)
     from tasks.recipes.unimiss import pretrained_backbone_state
-    from tasks.evaluate import finetune_classifier, linear_probe
 
     settings = get_settings()
     p = unimiss_profile(profile).classification
     reader = DatasetStore(settings.store).open(dataset, version)
-    classes = reader.attrs["labels"]
-    class_index = {c: i for i, c in enumerate(classes)} if isinstance(classes, list) else dict(classes)
+    class_index = classification_classes(reader)
     splits = reader.attrs["splits"]
-
-    def load(ids):
-        images, targets = [], []
-        for case_id in ids:
-            image = np.asarray(reader.read(case_id, "image"), dtype=np.float32)
-            images.append(torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], size=(p.image_size,) * 2,
-                                                          mode="area")[0].expand(3, -1, -1))
-            targets.append(class_index[reader.case_attrs(case_id)["label"]])
-        return torch.stack(images), torch.tensor(targets)
-
-    train, test = load(splits["train"]), load(splits["test"])
+    train = load_classification_cases(reader, splits["train"], p.image_size)
+    test = load_classification_cases(reader, splits["test"], p.image_size)
     model_size = pretrained["model_size"] if pretrained else unimiss_profile(profile).pretrain.model_size
-    results = {}
+
+    def backbone(init: str) -> MiT:
+        torch.manual_seed(0)
+        net = MiT(getattr(MiTConfig, model_size)())
+        if init == "unimiss":
+            net.load_state_dict(pretrained_backbone_state(pretrained["checkpoint"]))
+        return net
+
+    key = "unimiss" if pretrained else "scratch"
+    results, outputs = {}, {}
     started = time.perf_counter()
     with tracking.stage_run("classification-eval", parent_run_id, {"dataset": dataset, "profile": profile},
                             inputs=[f"{dataset}@{version}"], upstream_run_id=pretrained.get("run_id") if pretrained else None) as run:
         for init in (["unimiss", "scratch"] if pretrained else ["scratch"]):
-            def backbone():
-                torch.manual_seed(0)
-                net = MiT(getattr(MiTConfig, model_size)())
-                if init == "unimiss":
-                    net.load_state_dict(pretrained_backbone_state(pretrained["checkpoint"]))
-                return net
-            probe = linear_probe(backbone(), train, test, len(class_index), epochs=p.probe_epochs)
-            tuned = finetune_classifier(backbone(), train, test, len(class_index), epochs=p.finetune_epochs)
+            probe = linear_probe(backbone(init), train, test, len(class_index), epochs=p.probe_epochs)
+            classifier = train_classifier(backbone(init), train, len(class_index), epochs=p.finetune_epochs)
+            tuned = evaluate_classifier(classifier, test, len(class_index))
             results[init] = {"probe": probe, "finetune": tuned}
-            import mlflow
-
             mlflow.log_metrics({f"{init}_probe_auc": probe["auc"], f"{init}_probe_accuracy": probe["accuracy"],
                                 f"{init}_finetune_auc": tuned["auc"], f"{init}_finetune_accuracy": tuned["accuracy"]})
+            if init == key and register and math.isfinite(tuned["auc"]):
+                outputs = _register_classifier(classifier, dataset, model_size, tuned, run.info.run_id, reader.version,
+                                               p.image_size)
         tracking.log_dict_artifact(results, "evaluation/classification.json")
-    key = "unimiss" if pretrained else "scratch"
     return {"run_id": run.info.run_id, "probe_auc": results[key]["probe"]["auc"], "finetune_auc": results[key]["finetune"]["auc"],
-            "results": results, "seconds": time.perf_counter() - started}
+            "results": results, "seconds": time.perf_counter() - started, **outputs}
+
+
+def _register_classifier(model, dataset: str, model_size: str, evaluation: dict[str, float], run_id: str, version: str,
+                         image_size: int) -> dict[str, Any]:
+    """Register a fine-tuned 2D classifier (3-channel image in, class logits out), gated by test AUC."""
+    import numpy as np
+
+    from infra.registry import promote_if_better, register_model
+
+    name = f"unimiss-mit-{model_size.replace('_', '-')}-cls-{dataset}"
+    split = f"{dataset}@{version[:12]}:test"
+    example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
+    metrics = {"auc": evaluation["auc"], "accuracy": evaluation["accuracy"]}
+    info = register_model(model, name, input_example=example, metrics=metrics, key_metric="auc", run_id=run_id,
+                          eval_split=split)
+    decision = promote_if_better(name, info.version, key_metric="auc", higher_is_better=True, eval_split=split)
+    return {"model": name, "model_version": str(info.version), "alias": "champion" if decision.promoted else "candidate",
+            "promotion": decision.reason}
 
 
 @task(name="register-encoder")

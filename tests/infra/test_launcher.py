@@ -60,7 +60,7 @@ def toy_recipe(config: dict[str, Any]) -> dict[str, Any]:
         optimizer.load_state_dict(resumed["state"]["optimizer"])
         epoch, step = resumed["epoch"], resumed["step"]
     if rank == 0:
-        _log(config, "starts", first_step=step + 1, first_epoch=epoch + 1, world_size=world_size)
+        _log(config, "starts", first_step=step + 1, first_epoch=epoch + 1, world_size=world_size, niceness=os.nice(0))
     ddp_model = ray.train.torch.prepare_model(model)
     for epoch in range(epoch + 1, config["epochs"] + 1):
         losses = []
@@ -121,7 +121,9 @@ def test_two_worker_fit_learns_and_checkpoints(settings: Settings, tmp_path: Pat
     assert result.metrics["epoch"] == 3 and result.metrics["step"] == 3 * STEPS_PER_EPOCH
     losses = [r["loss"] for r in _records(tmp_path, "reports")]
     assert len(losses) == 3 and losses[-1] < 0.5 * losses[0]
-    assert _records(tmp_path, "starts") == [{"first_step": 1, "first_epoch": 1, "world_size": 2}]
+    assert _records(tmp_path, "starts") == [{"first_step": 1, "first_epoch": 1, "world_size": 2,
+                                             "niceness": os.nice(0) + settings.ray_worker_niceness}], \
+        "workers run at the configured niceness (Ray's default 15 starves them on a shared machine)"
 
     payload = load_checkpoint(result.checkpoint)
     assert (payload["method"], payload["epoch"], payload["step"]) == ("toy", 3, 3 * STEPS_PER_EPOCH)

@@ -60,6 +60,22 @@ def test_champion_loads_by_alias_and_segments_a_store_case(smoke_run):
     assert recomputed["per_case"][0]["dice_liver"] == pytest.approx(expected["dice_liver"], abs=1e-4)
 
 
+def test_classifier_is_registered_and_its_champion_reproduces_the_recorded_auc(smoke_run):
+    from infra.registry import load_model
+    from infra.settings import get_settings
+    from infra.storage import DatasetStore
+    from tasks.evaluate import classification_classes, evaluate_classifier, load_classification_cases
+
+    cls = smoke_run["classification"]
+    assert cls["model"] == "unimiss-mit-cpu-small-cls-synthetic-cxr"
+    assert cls["alias"] == "champion"
+    model = load_model(f"models:/{cls['model']}@champion")
+    reader = DatasetStore(get_settings().store).open("synthetic-cxr")
+    test = load_classification_cases(reader, reader.attrs["splits"]["test"], 64)
+    recomputed = evaluate_classifier(model, test, len(classification_classes(reader)))
+    assert recomputed["auc"] == pytest.approx(cls["finetune_auc"], abs=1e-5)
+
+
 def test_lineage_in_mlflow(smoke_run):
     import mlflow
 
