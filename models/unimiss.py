@@ -446,16 +446,17 @@ def cancel_last_layer_grads(model: nn.Module, epoch: int, freeze_last_layer: int
 def clip_gradients(model: nn.Module, clip: float = 0.3) -> Tensor:
     """DINO's per-parameter clipping: each gradient's L2 norm is scaled down to at most ``clip``.
 
-    Returns the pre-clipping norms (one per parameter with a gradient).
+    Returns the pre-clipping norms (one per parameter with a gradient). Done with the
+    ``_foreach`` kernels: a Python loop launched four kernels per parameter, which on a GPU
+    cost more than the model's own step for MiT-small.
     """
-    norms = []
-    for param in model.parameters():
-        if param.grad is None:
-            continue
-        norm = param.grad.norm(2)
-        param.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))
-        norms.append(norm)
-    return torch.stack(norms) if norms else torch.zeros(0)
+    grads = [param.grad for param in model.parameters() if param.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack(torch._foreach_norm(grads, 2))
+    scales = torch.clamp(clip / (norms + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, list(scales.unbind()))
+    return norms
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
