@@ -182,14 +182,30 @@ def _log_segmentation_figure(model, reader, case_id: str, run_id: str) -> None:
 def _register_segmenter(model, dataset, model_size, evaluation, run_id, reader, patch) -> dict[str, Any]:
     import numpy as np
 
+    example = np.zeros((1, 1, *patch), dtype=np.float32)
+    return _register_gated(model, _registered_name(model_size, f"seg-{dataset}"), example, evaluation["mean"], "dice_mean",
+                           _test_split(dataset, reader.version), run_id)
+
+
+def _registered_name(model_size: str, task: str | None = None) -> str:
+    """``unimiss-mit-<size>`` for the encoder, ``unimiss-mit-<size>-<task>`` for a fine-tuned model."""
+    return "-".join(["unimiss-mit", model_size.replace("_", "-")] + ([task] if task else []))
+
+
+def _test_split(dataset: str, version: str) -> str:
+    """The held-out split a key metric was measured on; promotion compares only equal splits."""
+    return f"{dataset}@{version[:12]}:test"
+
+
+def _register_gated(model, name: str, example, metrics: dict[str, float], key_metric: str, split: str, run_id: str,
+                    extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Register ``model`` (alias ``candidate``) and move ``champion`` to it if its ``key_metric``
+    (higher is better) beats the champion's on ``split``; returns name, version, alias, reason."""
     from infra.registry import promote_if_better, register_model
 
-    name = f"unimiss-mit-{model_size.replace('_', '-')}-seg-{dataset}"
-    example = np.zeros((1, 1, *patch), dtype=np.float32)
-    info = register_model(model, name, input_example=example, metrics=evaluation["mean"], key_metric="dice_mean",
-                          run_id=run_id, eval_split=f"{dataset}@{reader.version[:12]}:test")
-    decision = promote_if_better(name, info.version, key_metric="dice_mean", higher_is_better=True,
-                                 eval_split=f"{dataset}@{reader.version[:12]}:test")
+    info = register_model(model, name, input_example=example, metrics=metrics, key_metric=key_metric, run_id=run_id,
+                          eval_split=split, extra_tags=extra_tags)
+    decision = promote_if_better(name, info.version, key_metric=key_metric, higher_is_better=True, eval_split=split)
     return {"model": name, "model_version": str(info.version), "alias": "champion" if decision.promoted else "candidate",
             "promotion": decision.reason}
 
@@ -254,17 +270,10 @@ def _register_classifier(model, dataset: str, model_size: str, evaluation: dict[
     """Register a fine-tuned 2D classifier (3-channel image in, class logits out), gated by test AUC."""
     import numpy as np
 
-    from infra.registry import promote_if_better, register_model
-
-    name = f"unimiss-mit-{model_size.replace('_', '-')}-cls-{dataset}"
-    split = f"{dataset}@{version[:12]}:test"
     example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
     metrics = {"auc": evaluation["auc"], "accuracy": evaluation["accuracy"]}
-    info = register_model(model, name, input_example=example, metrics=metrics, key_metric="auc", run_id=run_id,
-                          eval_split=split)
-    decision = promote_if_better(name, info.version, key_metric="auc", higher_is_better=True, eval_split=split)
-    return {"model": name, "model_version": str(info.version), "alias": "champion" if decision.promoted else "candidate",
-            "promotion": decision.reason}
+    return _register_gated(model, _registered_name(model_size, f"cls-{dataset}"), example, metrics, "auc",
+                           _test_split(dataset, version), run_id)
 
 
 @task(name="register-encoder")
@@ -277,20 +286,14 @@ def register_encoder(pretrained: dict[str, Any], downstream: dict[str, Any], dat
     """
     import numpy as np
 
-    from infra.registry import promote_if_better, register_model
     from models.mit import MiT, MiTConfig
     from tasks.recipes.unimiss import pretrained_backbone_state
 
     model_size = pretrained["model_size"]
     backbone = MiT(getattr(MiTConfig, model_size)())
     backbone.load_state_dict(pretrained_backbone_state(pretrained["checkpoint"]))
-    name = f"unimiss-mit-{model_size.replace('_', '-')}"
-    split = f"{dataset}@{version[:12]}:test"
     example = np.zeros((1, backbone.config.in_chans_3d, *backbone.config.img_size_3d), dtype=np.float32)
-    info = register_model(backbone.eval(), name, input_example=example,
-                          metrics={"downstream_dice": downstream["dice"], "pretrain_loss_last": pretrained["loss_last"]},
-                          key_metric="downstream_dice", run_id=pretrained["run_id"], eval_split=split,
-                          extra_tags={"downstream_run_id": downstream["run_id"]})
-    decision = promote_if_better(name, info.version, key_metric="downstream_dice", higher_is_better=True, eval_split=split)
-    return {"model": name, "model_version": str(info.version), "alias": "champion" if decision.promoted else "candidate",
-            "promotion": decision.reason}
+    metrics = {"downstream_dice": downstream["dice"], "pretrain_loss_last": pretrained["loss_last"]}
+    return _register_gated(backbone.eval(), _registered_name(model_size), example, metrics, "downstream_dice",
+                           _test_split(dataset, version), pretrained["run_id"],
+                           extra_tags={"downstream_run_id": downstream["run_id"]})
