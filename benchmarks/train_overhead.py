@@ -141,18 +141,17 @@ def recipe_config(store: str, versions: dict[str, str], args: argparse.Namespace
 def bare_loop(config: dict[str, Any]) -> list[dict[str, Any]]:
     """``train_unimiss``'s work for one worker, in this process: no Ray, DDP, process group or MLflow.
 
-    Mirrors the recipe line by line for ``world == 1`` (seeding, model, optimiser, schedules,
-    ``make_views``, the optimiser step); returns one record per epoch like the recipe's metrics.
+    Mirrors the recipe for ``world == 1`` (seeding, model, optimiser, schedules, ``make_views``)
+    and calls its very ``optimisation_step``; returns one record per epoch like the recipe's metrics.
     """
     import numpy as np
     import torch
 
     from infra.runtime import device_and_precision, seed_everything, set_threads
     from models.mit import MiT, MiTConfig
-    from models.unimiss import (UniMiSSStudentTeacher, apply_schedule_values, cancel_last_layer_grads, clip_gradients,
-                                param_groups, set_3d_trainable)
+    from models.unimiss import UniMiSSStudentTeacher, param_groups, set_3d_trainable
     from tasks.recipes.data import load_shard
-    from tasks.recipes.unimiss import build_hyper, make_views
+    from tasks.recipes.unimiss import build_hyper, make_views, optimisation_step
 
     set_threads(int(config["threads_per_worker"]))
     seed_everything(int(config["seed"]), 0)
@@ -178,20 +177,10 @@ def bare_loop(config: dict[str, Any]) -> list[dict[str, Any]]:
         losses, started = [], time.perf_counter()
         net.train()
         for _ in range(steps_per_epoch):
-            apply_schedule_values(optimizer, float(lr_schedule[step]), float(wd_schedule[step]))
             views = make_views(is_3d, volumes, images, int(config["batch_size"]), view_3d, int(config["view_2d"]), rng, gen, device)
-            with autocast():
-                loss = net(views, epoch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip_gradients(net.student, hp.clip_grad)
-            cancel_last_layer_grads(net.student, epoch, hp.freeze_last_layer)
-            optimizer.step()
-            net.update_teacher(float(momentum_schedule[step]))
+            losses.append(optimisation_step(net, net, optimizer, views, epoch, step, hp, float(lr_schedule[step]),
+                                            float(wd_schedule[step]), float(momentum_schedule[step]), autocast))
             step += 1
-            losses.append(float(loss.detach()))
         records.append({"epoch": epoch, "dims": 3 if is_3d else 2, "steps_per_s": steps_per_epoch / (time.perf_counter() - started),
                         "loss": float(np.mean(losses))})
         set_3d_trainable(net.student, True)

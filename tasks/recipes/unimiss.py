@@ -26,7 +26,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -112,20 +112,11 @@ def train_unimiss(config: dict[str, Any]) -> None:
         epoch_losses, started = [], time.perf_counter()
         model.train()
         for _ in range(steps_per_epoch):
-            apply_schedule_values(optimizer, float(lr_schedule[step]), float(wd_schedule[step]))
             views = make_views(is_3d, volumes, images, int(config["batch_size"]), view_3d, int(config["view_2d"]), rng, gen, device)
-            with autocast():
-                loss = model(views, epoch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip_gradients(net.student, hp.clip_grad)
-            cancel_last_layer_grads(net.student, epoch, hp.freeze_last_layer)
-            optimizer.step()
-            net.update_teacher(float(momentum_schedule[step]))
+            loss = optimisation_step(model, net, optimizer, views, epoch, step, hp, float(lr_schedule[step]),
+                                     float(wd_schedule[step]), float(momentum_schedule[step]), autocast)
             step += 1
-            epoch_losses.append(float(loss.detach()))
+            epoch_losses.append(loss)
             if tracker:
                 tracker.log({"loss": epoch_losses[-1], f"loss_{'3d' if is_3d else '2d'}": epoch_losses[-1],
                              "lr": float(lr_schedule[step - 1]), "teacher_momentum": float(momentum_schedule[step - 1])}, step)
@@ -140,6 +131,26 @@ def train_unimiss(config: dict[str, Any]) -> None:
             tracker.flush()
         set_3d_trainable(net.student, True)
         report(metrics, {"network": net, "optimizer": optimizer}, step=step, epoch=epoch, method=METHOD, config=config)
+
+
+def optimisation_step(model: torch.nn.Module, net: UniMiSSStudentTeacher, optimizer: torch.optim.Optimizer,
+                      views: list[torch.Tensor], epoch: int, step: int, hp: UniMiSSConfig, lr: float, weight_decay: float,
+                      momentum: float, autocast: Callable[[], Any]) -> float:
+    """One UniMiSS optimiser step (spec (d)): scheduled LR/WD, loss, DINO clipping and last-layer
+    freeze, AdamW step, then the teacher's EMA update. ``model`` is what runs the forward (``net``
+    itself, or its DDP wrapper); returns the loss."""
+    apply_schedule_values(optimizer, lr, weight_decay)
+    with autocast():
+        loss = model(views, epoch)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_gradients(net.student, hp.clip_grad)
+    cancel_last_layer_grads(net.student, epoch, hp.freeze_last_layer)
+    optimizer.step()
+    net.update_teacher(momentum)
+    return float(loss.detach())
 
 
 def make_views(is_3d: bool, volumes: list[np.ndarray], images: list[np.ndarray], batch_size: int,
