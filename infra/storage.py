@@ -148,6 +148,10 @@ class VersionNotFoundError(LookupError):
     """No committed version matches; the message lists the versions that exist."""
 
 
+def _is_safe_name(value: object) -> bool:
+    return isinstance(value, str) and bool(_NAME_RE.fullmatch(value)) and ".." not in value and not value.endswith(".json")
+
+
 def check_name(value: str, what: str = "name") -> str:
     """Return ``value`` if it is a safe path component, else raise ``ValueError``.
 
@@ -155,7 +159,7 @@ def check_name(value: str, what: str = "name") -> str:
     and not ending in ``.json`` (reserved for metadata). Case ids, array, table, column,
     dataset and version names all pass through here, so no write can leave the store root.
     """
-    if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or ".." in value or value.endswith(".json"):
+    if not _is_safe_name(value):
         raise ValueError(
             f"invalid {what} {value!r}: use 1-200 characters from [A-Za-z0-9._-], starting with a "
             "letter or digit, without '..' and not ending in '.json'"
@@ -1173,7 +1177,7 @@ class VersionWriter:
         A case already written under that id is removed, so a case is either in the version or
         in quarantine, never both."""
         self._require_open()
-        if isinstance(case_id, str) and _NAME_RE.fullmatch(case_id) and ".." not in case_id and not case_id.endswith(".json"):
+        if _is_safe_name(case_id):
             if self._fs.exists(self._fs.join(self.path, "cases", case_id)):
                 self._drop_case(case_id)
         entry = {"case_id": str(case_id), "reason": str(reason), "source": None if source is None else str(source)}

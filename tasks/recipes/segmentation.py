@@ -79,7 +79,7 @@ def train_segmentation(config: dict[str, Any]) -> None:
             images, labels = [], []
             for _ in range(int(config["batch_size"])):
                 case = cases[int(rng.integers(len(cases)))]
-                image, label = random_crop(case.image, patch, rng, case.label, foreground_p=0.33)
+                image, label = random_crop(case.image, patch, rng, case.label, foreground_p=0.33, foreground=case.foreground)
                 images.append(np.ascontiguousarray(image, dtype=np.float32)[None])
                 labels.append(np.ascontiguousarray(label, dtype=np.int64)[None])
             x = torch.from_numpy(np.stack(images)).to(device)
