@@ -1279,13 +1279,15 @@ class DatasetStore:
         """Datasets with at least one committed version."""
         return [d for d in self._fs.listdir(self._fs.root) if _NAME_RE.fullmatch(d) and self.versions(d)]
 
-    def _read_info(self, dataset: str, version: str) -> VersionInfo | None:
-        path = self._fs.join(dataset, version)
+    def _read_manifest(self, dataset: str, version: str) -> dict | None:
         try:
-            manifest = json.loads(self._fs.read_bytes(self._fs.join(path, "manifest.json")))
+            return json.loads(self._fs.read_bytes(self._fs.join(dataset, version, "manifest.json")))
         except FileNotFoundError:
             return None
-        return _info(manifest, self._fs.uri(path))
+
+    def _read_info(self, dataset: str, version: str) -> VersionInfo | None:
+        manifest = self._read_manifest(dataset, version)
+        return None if manifest is None else _info(manifest, self._fs.uri(self._fs.join(dataset, version)))
 
     def versions(self, dataset: str) -> list[VersionInfo]:
         """Committed versions, oldest first."""
@@ -1310,7 +1312,6 @@ class DatasetStore:
 
     def _resolve(self, dataset: str, version: str | None) -> VersionInfo:
         infos = self.versions(dataset)
-        listing = ", ".join(f"{i.version[:16]} ({i.created_at})" for i in infos) or "none"
         if not infos:
             raise VersionNotFoundError(f"dataset {dataset!r} has no committed version in {self.root}")
         if version is None:
@@ -1320,6 +1321,7 @@ class DatasetStore:
         if len(matches) == 1:
             return matches[0]
         if not matches:
+            listing = ", ".join(f"{i.version[:16]} ({i.created_at})" for i in infos)
             raise VersionNotFoundError(f"dataset {dataset!r} has no committed version {version!r}; versions: {listing}")
         raise VersionNotFoundError(
             f"version prefix {version!r} of dataset {dataset!r} is ambiguous: "
@@ -1336,9 +1338,12 @@ class DatasetStore:
         """A reader of a committed version: ``None`` = latest, else a digest or unique prefix.
 
         ``cache_bytes`` bounds the LRU of decoded chunks (0 = no cache)."""
-        info = self._resolve(check_name(dataset, "dataset name"), version)
-        path = self._fs.join(dataset, info.version)
-        manifest = json.loads(self._fs.read_bytes(self._fs.join(path, "manifest.json")))
+        check_name(dataset, "dataset name")
+        manifest = self._read_manifest(dataset, version) if version is not None and _is_safe_name(version) else None
+        if manifest is None:  # latest, a prefix, or not there (then _resolve says what exists)
+            version = self._resolve(dataset, version).version
+            manifest = self._read_manifest(dataset, version)
+        path = self._fs.join(dataset, manifest["version"])
         records = self._load_case_records(path, manifest)
         return VersionReader(self._fs, path, manifest, records, cache_bytes=cache_bytes, max_open_files=max_open_files)
 
