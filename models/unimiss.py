@@ -487,7 +487,3 @@ def apply_schedule_values(optimizer: torch.optim.Optimizer, lr: float, weight_de
         group["lr"] = lr
         if group.get("apply_weight_decay", False):
             group["weight_decay"] = weight_decay
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -98,6 +98,7 @@ def finetune_segmentation(profile: str, dataset: str, version: str, pretrained: 
     evaluate on the held-out split with sliding-window Dice/HD95 and register the model."""
     from infra import tracking
     from infra.storage import DatasetStore
+    from tasks.evaluate import evaluate_segmentation
     from tasks.recipes.segmentation import train_segmentation
 
     settings = get_settings()
@@ -125,8 +126,8 @@ def finetune_segmentation(profile: str, dataset: str, version: str, pretrained: 
         checkpoint = _local_checkpoint_dir(result.checkpoint)
         model = _load_segmenter(checkpoint, model_size, num_classes)
         names = [n for n, v in sorted(labels.items(), key=lambda kv: kv[1]) if v != 0]
-        evaluation = evaluate_store_segmentation(model, reader, splits.get("test") or splits["train"], num_classes,
-                                                 tuple(p.patch), names)
+        evaluation = evaluate_segmentation(model, reader, splits.get("test") or splits["train"], num_classes,
+                                           tuple(p.patch), names)
         import mlflow
 
         mlflow.log_metrics({f"test_{k}": v for k, v in evaluation["mean"].items() if v == v})
@@ -147,12 +148,6 @@ def _load_segmenter(checkpoint: str, model_size: str, num_classes: int):
     model = build_segmenter(model_size, num_classes)
     model.load_state_dict(load_checkpoint(checkpoint)["state"]["model"])
     return model.eval()
-
-
-def evaluate_store_segmentation(model, reader, case_ids, num_classes, roi, names):
-    from tasks.evaluate import evaluate_segmentation
-
-    return evaluate_segmentation(model, reader, case_ids, num_classes, roi, names)
 
 
 def _log_segmentation_figure(model, reader, case_id: str, run_id: str) -> None:
@@ -238,11 +233,13 @@ def evaluate_classification(profile: str, dataset: str, version: str, pretrained
     test = load_classification_cases(reader, splits["test"], p.image_size)
     model_size = pretrained["model_size"] if pretrained else unimiss_profile(profile).pretrain.model_size
 
+    pretrained_state = pretrained_backbone_state(pretrained["checkpoint"]) if pretrained else None
+
     def backbone(init: str) -> MiT:
         torch.manual_seed(0)
         net = MiT(getattr(MiTConfig, model_size)())
         if init == "unimiss":
-            net.load_state_dict(pretrained_backbone_state(pretrained["checkpoint"]))
+            net.load_state_dict(pretrained_state)
         return net
 
     key = "unimiss" if pretrained else "scratch"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from infra.checkpoint import latest_checkpoint, unwrap_module
+from infra.checkpoint import latest_checkpoint
 from infra.runtime import device_and_precision, report, seed_everything, set_threads, world_info
 from models.mit import MiT, MiTConfig
 from models.segmentation import MiTSegmenter, SegmentationLoss
@@ -93,5 +93,5 @@ def train_segmentation(config: dict[str, Any]) -> None:
             step += 1
             losses.append(float(loss.detach()))
         report({"loss": float(np.mean(losses)), "steps_per_s": len(losses) / (time.perf_counter() - started)},
-               {"model": unwrap_module(model), "optimizer": optimizer, "scheduler": scheduler.state_dict()},
+               {"model": model, "optimizer": optimizer, "scheduler": scheduler.state_dict()},
                step=step, epoch=epoch, method=METHOD, config=config)

@@ -142,15 +142,16 @@ def optimisation_step(model: torch.nn.Module, net: UniMiSSStudentTeacher, optimi
     apply_schedule_values(optimizer, lr, weight_decay)
     with autocast():
         loss = model(views, epoch)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+    value = float(loss.detach())  # the step's one host-device sync
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss is {value} at step {step}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip_gradients(net.student, hp.clip_grad)
     cancel_last_layer_grads(net.student, epoch, hp.freeze_last_layer)
     optimizer.step()
     net.update_teacher(momentum)
-    return float(loss.detach())
+    return value
 
 
 def make_views(is_3d: bool, volumes: list[np.ndarray], images: list[np.ndarray], batch_size: int,
