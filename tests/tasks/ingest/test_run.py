@@ -141,6 +141,15 @@ def test_records_entries_store_columns(tmp_path):
     assert all(isinstance(t, str) and t for t in records["text_findings"])
 
 
+def test_table_rows_with_missing_values_are_kept(tmp_path):
+    (tmp_path / "t.csv").write_text("pid,age,score\np1,50,1.5\np2,61,\n")
+    entry = {"name": "table", "modality": "expression", "dims": 0, "task": "survival", "license": "CC0",
+             "source": {"kind": "table", "format": "csv", "uri": "t.csv", "id_column": "pid"}}
+    catalog = load_catalog(make_catalog(tmp_path, [entry]))
+    summary = ingest_entry(catalog.get("table"), catalog.base_dir, settings_for(tmp_path / "home"))
+    assert (summary["n_cases"], summary["n_quarantined"]) == (2, 0), "a missing value is not a bad case"
+
+
 KILL_SCRIPT = """
 import sys
 from pathlib import Path
