@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from infra.settings import Settings
-from infra.storage import check_name
 from tasks.catalog import Entry
 from tasks.ingest.preprocess import PREPROCESS_VERSION, preprocess_case
 from tasks.ingest.readers import SourceUnavailable, list_cases
@@ -67,14 +66,17 @@ def plan_ingest(entry: Entry, base_dir: Path, settings: Settings, profile: str =
     if max_cases is not None:
         refs = refs[:max_cases]
     digests = FileDigests(settings.home / "cache" / "file-digests.json")
+    # one digest per distinct file: table rows, report lines and slide tiles share theirs
+    file_digest = {path: digests.digest(path) for path in dict.fromkeys(p for r in refs if r.source_digest is None
+                                                                         for p in r.sources)}
+    digests.save()
     case_digests: dict[str, str] = {}
     for ref in refs:
         if ref.source_digest is not None:
             case_digests.setdefault(ref.case_id, ref.source_digest)
         else:
-            parts = [digests.digest(path) for path in ref.sources]
+            parts = [file_digest[path] for path in ref.sources]
             case_digests.setdefault(ref.case_id, sha256_text(canonical_json([ref.case_id, parts])))
-    digests.save()
     plan = {"preprocess": entry.preprocess.model_dump(mode="json"), "preprocess_version": PREPROCESS_VERSION,
             "max_cases": max_cases, "store_layout": STORE_LAYOUT}
     return IngestPlan(entry, refs, case_digests, plan, version_digest(entry, case_digests, plan))
@@ -165,7 +167,6 @@ def _process(ref: CaseRef, entry: Entry, settings: Settings, plan: IngestPlan, w
         case = preprocess_case(ref.load(), entry, max_voxels=settings.max_case_voxels)
         if not entry.dims:
             return case
-        check_name(ref.case_id, "case id")
         writer.write_case(ref.case_id, case.arrays, {**case.meta, "source_digest": plan.case_digests[ref.case_id]})
         return sum(int(np.asarray(a).nbytes) for a in case.arrays.values())
     except _CASE_ERRORS as exc:
