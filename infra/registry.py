@@ -28,14 +28,16 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import mlflow
 import numpy as np
-import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+
+if TYPE_CHECKING:  # torch is imported where a model is handled: `medfoundry models list` needs none
+    import torch
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -136,6 +138,8 @@ def register_model(
     was_training = export_model.training
     export_model.eval()
     try:
+        import torch
+
         with torch.no_grad():
             output = export_model(torch.from_numpy(example))
         from mlflow.models import infer_signature
@@ -217,6 +221,8 @@ def default_pip_requirements() -> list[str]:
     Given explicitly so ``log_model`` skips its requirement inference, which loads the model in
     a subprocess and costs seconds.
     """
+    import torch
+
     return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
 
 
@@ -230,6 +236,8 @@ def _cpu_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def _to_numpy(output: Any) -> Any:
     """Model output as numpy for signature inference (tensor, tuple/list or dict of tensors)."""
+    import torch
+
     if isinstance(output, torch.Tensor):
         tensor = output.detach().cpu()
         return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()

@@ -180,7 +180,7 @@ def models_promote(name: str, version: str, force: bool = typer.Option(False, he
 
     configure_engines()
     decision = promote(name, version, force=force)
-    print(json.dumps(decision if isinstance(decision, dict) else decision.__dict__, indent=2, default=str))
+    print(json.dumps(decision.as_dict(), indent=2, default=str))
 
 
 @app.command("deploy")
