@@ -227,16 +227,24 @@ def build_teacher(student: nn.Module) -> nn.Module:
     return teacher
 
 
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """Teacher <- m * teacher + (1 - m) * student for every parameter (spec (c))."""
+def ema_pairs(teacher: nn.Module, student: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The teacher's and the student's parameters, matched by name (raises if the names differ)."""
     teacher_named = list(teacher.named_parameters())
     student_named = list(student.named_parameters())
     if [n for n, _ in teacher_named] != [n for n, _ in student_named]:
         raise ValueError("ema_update: teacher and student parameter names differ")
-    teacher_params = [p for _, p in teacher_named]
-    student_params = [p.detach() for _, p in student_named]
-    torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+    return [p for _, p in teacher_named], [p for _, p in student_named]
+
+
+@torch.no_grad()
+def ema_step(teacher_params: list[nn.Parameter], student_params: list[nn.Parameter], momentum: float) -> None:
+    """Teacher <- m * teacher + (1 - m) * student over matched parameter lists (spec (c))."""
+    torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1.0 - momentum)
+
+
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """Teacher <- m * teacher + (1 - m) * student for every parameter (spec (c))."""
+    ema_step(*ema_pairs(teacher, student), momentum)
 
 
 # --------------------------------------------------------------------------- loss
@@ -374,6 +382,7 @@ class UniMiSSStudentTeacher(nn.Module):
         self.config = config = config or UniMiSSConfig()
         self.student = build_student(backbone, config)
         self.teacher = build_teacher(self.student)
+        self._ema_pairs: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None
         self.criterion = DINOLoss(
             config.out_dim,
             n_epochs=config.epochs,
@@ -413,7 +422,11 @@ class UniMiSSStudentTeacher(nn.Module):
         )
 
     def update_teacher(self, momentum: float) -> None:
-        ema_update(self.teacher, self.student, momentum)
+        """EMA step of the teacher; the parameter pairs are matched by name once, on first use
+        (``.to()``, ``load_state_dict`` and DDP keep the same Parameter objects)."""
+        if self._ema_pairs is None:
+            self._ema_pairs = ema_pairs(self.teacher, self.student)
+        ema_step(*self._ema_pairs, momentum)
 
 
 # --------------------------------------------------------------------------- training helpers
