@@ -837,6 +837,13 @@ class VersionReader:
         self.max_open_files = int(max_open_files)
         self._open_state()
 
+    def n_rows(self, table: str) -> int:
+        """Rows of a table, from the manifest (nothing decoded)."""
+        tables = self._manifest.get("tables", {})
+        if table not in tables:
+            raise KeyError(f"no table {table!r} in {self.dataset}@{self.version[:12]} (tables: {sorted(tables)})")
+        return int(tables[table]["n_rows"])
+
     def _open_state(self) -> None:
         self._cache = _LruCache(self.cache_bytes) if self.cache_bytes > 0 else None
         self._handles = _Handles(self._fs, self.max_open_files)

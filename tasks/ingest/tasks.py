@@ -35,12 +35,11 @@ def record_ingest_run(summary: dict[str, Any], source_kind: str, parent_run_id: 
     from infra import tracking
     from infra.storage import DatasetStore
 
-    settings = get_settings()
-    reader = DatasetStore(settings.store).open(summary["name"], summary["version"])
     key = f"ingest:{summary['name']}:{summary['version']}"
-    existing = tracking.find_run({"medfoundry.stage_key": key})
+    existing = tracking.find_run({tracking.TAG_STAGE_KEY: key})
     if existing:
         return existing
+    reader = DatasetStore(get_settings().store).open(summary["name"], summary["version"])
     fingerprint = reader.attrs.get("fingerprint", {})
     with tracking.stage_run(f"ingest:{summary['name']}", parent_run_id=parent_run_id, stage_key=key,
                             inputs=[f"{summary['name']}@{summary['version']}"],
