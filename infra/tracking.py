@@ -37,7 +37,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source import DatasetSource
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, Run, RunStatus
 from mlflow.exceptions import MlflowException
 
 if TYPE_CHECKING:
@@ -338,16 +338,16 @@ def stage_key(stage: str, config: Mapping[str, Any], inputs: Sequence[str] = ())
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-def find_run(
+def find_run_record(
     tags: Mapping[str, str],
     *,
     statuses: Iterable[str] = ("FINISHED",),
     experiment_ids: Sequence[str] | None = None,
-) -> str | None:
-    """Return the id of the most recent run carrying all ``tags`` with one of ``statuses``.
+) -> Run | None:
+    """The most recent run (with its data: tags, params, metrics) carrying all ``tags`` with one of ``statuses``.
 
     Default: the newest FINISHED run of the active experiment, e.g.
-    ``find_run({"medfoundry.stage_key": key})`` to skip a stage already done; FAILED, KILLED and
+    ``find_run_record({"medfoundry.stage_key": key})`` to skip a stage already done; FAILED, KILLED and
     RUNNING runs with the same key are ignored, deleted runs are never returned. Pass
     ``statuses=("FAILED", "KILLED")`` to find a crashed flow run to resume.
     """
@@ -371,10 +371,21 @@ def find_run(
         )
         for run in page:
             if run.info.status in wanted:
-                return run.info.run_id
+                return run
         page_token = page.token
         if not page_token:
             return None
+
+
+def find_run(
+    tags: Mapping[str, str],
+    *,
+    statuses: Iterable[str] = ("FINISHED",),
+    experiment_ids: Sequence[str] | None = None,
+) -> str | None:
+    """The id of :func:`find_run_record`'s run, e.g. ``find_run({"medfoundry.stage_key": key})``."""
+    run = find_run_record(tags, statuses=statuses, experiment_ids=experiment_ids)
+    return None if run is None else run.info.run_id
 
 
 def _quote(value: str) -> str:

@@ -26,17 +26,12 @@ class StageResult:
 
 def finished_stage(key: str) -> StageResult | None:
     """The outputs of an earlier FINISHED run of this stage key, if any."""
-    import mlflow
-
     from infra import tracking
 
-    run_id = tracking.find_run({tracking.TAG_STAGE_KEY: key})
-    if run_id is None:
+    run = tracking.find_run_record({tracking.TAG_STAGE_KEY: key})
+    if run is None or OUTPUTS_TAG not in run.data.tags:
         return None
-    tags = mlflow.MlflowClient().get_run(run_id).data.tags
-    if OUTPUTS_TAG not in tags:
-        return None
-    return StageResult(run_id, json.loads(tags[OUTPUTS_TAG]), skipped=True)
+    return StageResult(run.info.run_id, json.loads(run.data.tags[OUTPUTS_TAG]), skipped=True)
 
 
 def record_outputs(run_id: str, outputs: dict[str, Any]) -> None:
