@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipelines.deploy import DEFAULT_WORK_POOL
+
 app = typer.Typer(help="MedFoundry: catalog -> versioned zarr store -> foundation models in the MLflow registry.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 catalog_app = typer.Typer(help="Inspect and validate the dataset catalog.", no_args_is_help=True)
@@ -185,7 +187,7 @@ def models_promote(name: str, version: str, force: bool = typer.Option(False, he
 
 @app.command("deploy")
 def deploy(names: list[str] = typer.Argument(None, help="Deployments to build: ingest, unimiss, foundation (default: all)."),
-           work_pool: str = typer.Option("medfoundry-k8s", "--work-pool", help="Prefect work pool (Kubernetes) the deployments run on."),
+           work_pool: str = typer.Option(DEFAULT_WORK_POOL, "--work-pool", help="Prefect work pool (Kubernetes) the deployments run on."),
            image: Optional[str] = typer.Option(None, "--image", help="Project image built from infra/deploy/Dockerfile (default: $MEDFOUNDRY_IMAGE)."),
            dry_run: bool = typer.Option(False, "--dry-run", help="Only build and print the deployments; contact no Prefect server.")) -> None:
     """Register the scheduled Prefect deployments (infra/deploy/prefect.yaml's twin); one line each: name, cron, entrypoint."""

@@ -10,14 +10,10 @@ def get_logger() -> logging.Logger | logging.LoggerAdapter:
     """Prefect's run logger when running inside Prefect; never imports Prefect just to log."""
     if "prefect" not in sys.modules:
         return logging.getLogger("medfoundry")
-    try:
-        from prefect.exceptions import MissingContextError
-        from prefect.logging import get_run_logger
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
 
-        try:
-            return get_run_logger()
-        except MissingContextError:
-            pass
-    except ImportError:  # pragma: no cover - prefect is a hard dependency
-        pass
-    return logging.getLogger("medfoundry")
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("medfoundry")

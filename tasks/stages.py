@@ -42,10 +42,9 @@ def record_outputs(run_id: str, outputs: dict[str, Any]) -> None:
 
 
 def run_training(recipe: Callable[[dict], None], config: dict[str, Any], *, key: str, stage: str, settings: Settings,
-                 run_id: str, max_failures: int = 2) -> Any:
+                 run_id: str) -> Any:
     """Launch ``recipe`` on Ray Train under a run name derived from the stage key (resumable)."""
     from infra.launcher import launch
 
-    result = launch(recipe, {**config, "mlflow_run_id": run_id}, name=f"{stage}-{key[:16]}", settings=settings,
-                    max_failures=max_failures)
+    result = launch(recipe, {**config, "mlflow_run_id": run_id}, name=f"{stage}-{key[:16]}", settings=settings)
     return result.raise_for_error()
