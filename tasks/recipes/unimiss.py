@@ -50,10 +50,14 @@ def build_hyper(model_size: str, overrides: dict[str, Any], epochs: int) -> UniM
 
 
 def pretrained_backbone_state(checkpoint_path: str) -> dict[str, torch.Tensor]:
-    """The student's MiT backbone weights from a UniMiSS checkpoint (the head is discarded, spec (e))."""
+    """The student's MiT backbone weights from a UniMiSS checkpoint (the head is discarded, spec (e)).
+
+    Keys go through the same mapping as official checkpoints (``models.checkpoint_keys``), which
+    for ours only strips ``student.backbone.``."""
+    from models.checkpoint_keys import from_official_unimiss
+
     network = load_checkpoint(checkpoint_path)["state"]["network"]
-    prefix = "student.backbone."
-    state = {k[len(prefix):]: v for k, v in network.items() if k.startswith(prefix)}
+    state = from_official_unimiss(network)
     if not state:
         raise ValueError(f"{checkpoint_path} holds no UniMiSS student backbone (keys start with {next(iter(network), None)!r})")
     return state
