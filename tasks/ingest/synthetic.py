@@ -36,8 +36,6 @@ simply ``diag(spacing) + [1]`` and reorienting to RAS is the identity.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -47,6 +45,7 @@ from scipy import ndimage
 
 from tasks.catalog import CatalogError, Entry, SyntheticSource
 from tasks.ingest.types import CaseRef, RawCase
+from tasks.ingest.version import canonical_json, sha256_text
 
 GENERATOR_VERSION = "1"
 """Bumped whenever the bytes produced for given parameters change; part of every digest."""
@@ -94,29 +93,19 @@ class SyntheticParams:
 
     def canonical_json(self) -> str:
         """The parameters as canonical JSON, the basis of every case digest."""
-        return json.dumps(
-            {
-                "generator": self.generator,
-                "version": GENERATOR_VERSION,
-                "seed": self.seed,
-                "n_cases": self.n_cases,
-                "shape": list(self.shape) if self.shape is not None else None,
-                "structures": list(self.structures) if self.structures is not None else None,
-                "options": self.options,
-            },
-            sort_keys=True, separators=(",", ":"), default=str,
-        )
+        return canonical_json({
+            "generator": self.generator,
+            "version": GENERATOR_VERSION,
+            "seed": self.seed,
+            "n_cases": self.n_cases,
+            "shape": list(self.shape) if self.shape is not None else None,
+            "structures": list(self.structures) if self.structures is not None else None,
+            "options": self.options,
+        })
 
     def digest(self, case_index: int) -> str:
         """sha256 of the parameters and the case index: the case's source digest."""
-        return _digest_from(hashlib.sha256(self.canonical_json().encode()), case_index)
-
-
-def _digest_from(base: Any, case_index: int) -> str:
-    """Finish a copy of the parameters' running sha256 with the case index."""
-    h = base.copy()
-    h.update(f"|case_index={case_index}".encode())
-    return h.hexdigest()
+        return sha256_text(f"{self.canonical_json()}|case_index={case_index}")
 
 
 def _case_id(prefix: str, index: int) -> str:
@@ -277,13 +266,12 @@ def list_synthetic_cases(entry: Entry) -> list[CaseRef]:
     """
     params = resolve_synthetic_params(entry)
     gen = _GENERATORS[params.generator]
-    base = hashlib.sha256(params.canonical_json().encode())
     prefix = params.options["id_prefix"]
     refs = []
     for index in range(params.n_cases):
         case_id = _case_id(prefix, index)
         refs.append(CaseRef(case_id=case_id, sources=[], load=functools.partial(gen.build, params, index, case_id),
-                            source_digest=_digest_from(base, index)))
+                            source_digest=params.digest(index)))
     return refs
 
 
