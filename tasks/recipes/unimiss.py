@@ -196,23 +196,20 @@ class _RankZeroTracker:
 
     def __init__(self, run_id: str | None):
         self.run_id = run_id
-        self.pending: list[Any] = []
-        if run_id:
-            import mlflow
-
-            self.client = mlflow.MlflowClient()
+        self.pending: list[dict[str, float]] = []
+        self.n_points = 0
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.run_id:
             return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        if len(self.pending) >= 200:
+        self.pending.append({"step": step, "timestamp": time.time(), **metrics})
+        self.n_points += len(metrics)
+        if self.n_points >= 200:
             self.flush()
 
     def flush(self) -> None:
         if self.run_id and self.pending:
-            self.client.log_batch(self.run_id, metrics=self.pending)
-            self.pending = []
+            from infra.tracking import log_metrics_series
+
+            log_metrics_series(self.pending, run_id=self.run_id)
+            self.pending, self.n_points = [], 0
